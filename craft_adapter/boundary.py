@@ -1,0 +1,223 @@
+"""The black-box boundary: the only way training code reaches a model.
+
+A backend is a vendor. Training never holds one directly; it holds a :class:`BlackBox`, which sends
+prompts and images through the backend, counts every call on a :class:`QueryMeter`, and hands back numpy
+scores. Nothing on a ``BlackBox`` leads to weights, modules or gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+BudgetUnit = Literal["queries", "vendor_calls"]
+
+
+class BudgetExhausted(RuntimeError):
+    """Raised before a call that would take the meter past its budget; nothing was sent."""
+
+    def __init__(self, unit: str, budget: int, used: int, requested: int) -> None:
+        self.unit, self.budget, self.used, self.requested = unit, budget, used, requested
+        super().__init__(
+            f"query budget exhausted: {used} of {budget} {unit} used, this call needs {requested} more"
+        )
+
+
+@dataclass
+class QueryMeter:
+    """Counts queries, vendor calls and images sent, and refuses any call that would pass the budget.
+
+    One *query* is one candidate prompt scored on the whole image set. One *vendor call* is one request
+    to the vendor. ``budget`` caps ``unit``; ``None`` means no cap.
+    """
+
+    budget: int | None = None
+    unit: BudgetUnit = "queries"
+    queries: int = 0
+    vendor_calls: int = 0
+    images_sent: int = 0
+
+    def __post_init__(self) -> None:
+        if self.unit not in ("queries", "vendor_calls"):
+            raise ValueError(f"budget unit must be 'queries' or 'vendor_calls', got {self.unit!r}")
+        if self.budget is not None and self.budget < 0:
+            raise ValueError(f"budget must be non-negative, got {self.budget}")
+
+    @property
+    def used(self) -> int:
+        """Spent, in the budget's unit."""
+        return self.queries if self.unit == "queries" else self.vendor_calls
+
+    @property
+    def remaining(self) -> int | None:
+        """Left, in the budget's unit (``None`` when uncapped)."""
+        return None if self.budget is None else self.budget - self.used
+
+    def check(self, queries: int = 0, vendor_calls: int = 0) -> None:
+        """Raise :class:`BudgetExhausted` if a call of this cost would not fit; change nothing."""
+        need = queries if self.unit == "queries" else vendor_calls
+        if self.budget is not None and self.used + need > self.budget:
+            raise BudgetExhausted(self.unit, self.budget, self.used, need)
+
+    def charge(self, queries: int = 0, vendor_calls: int = 0, images: int = 0) -> None:
+        """Check, then record, the cost of a call about to be made."""
+        self.check(queries, vendor_calls)
+        self.queries += queries
+        self.vendor_calls += vendor_calls
+        self.images_sent += images
+
+    def summary(self) -> dict[str, int | str | None]:
+        """The counts as a plain dict."""
+        return {"budget": self.budget, "unit": self.unit, "queries": self.queries,
+                "vendor_calls": self.vendor_calls, "images_sent": self.images_sent}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend accepts and returns."""
+
+    style: Literal["embedding", "scoring"]
+    text_prompts: bool = True
+    soft_prompts: bool = False
+    returns: Literal["logits", "probabilities"] = "logits"
+
+
+@runtime_checkable
+class EmbeddingBackend(Protocol):
+    """A vendor that returns image and text embeddings; logits are ``logit_scale * cosine``."""
+
+    capabilities: Capabilities
+    logit_scale: float
+    identity: dict
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """L2-normalised image embeddings ``[n, d]`` (one vendor call)."""
+        ...
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalised text embeddings ``[t, d]`` (one vendor call)."""
+        ...
+
+
+@runtime_checkable
+class SoftPromptBackend(EmbeddingBackend, Protocol):
+    """An embedding vendor that also takes context vectors in its token-embedding space."""
+
+    def soft_prompt_init(self, text: str) -> np.ndarray:
+        """Token embeddings ``[n_ctx, width]`` of ``text`` (the p0 of the paper)."""
+        ...
+
+    def embed_soft(self, ctx: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+        """Text embeddings ``[p, c, d]`` of ``ctx [p, n_ctx, width]`` followed by each class name."""
+        ...
+
+    def describe_soft(self, ctx: np.ndarray) -> str:
+        """A human reading of ``ctx [n_ctx, width]``: the nearest vocabulary token at each position."""
+        ...
+
+
+@runtime_checkable
+class ScoringBackend(Protocol):
+    """A vendor that scores one image against class prompts per call (Hugging Face zero-shot style)."""
+
+    capabilities: Capabilities
+    identity: dict
+
+    def score(self, image: Image.Image, labels: Sequence[str], template: str) -> np.ndarray:
+        """Per-class scores ``[c]`` for one image, labels in the given order."""
+        ...
+
+
+def fill(template: str, class_name: str) -> str:
+    """The prompt for one class: ``template`` with ``{}`` replaced by the class name."""
+    if template.count("{}") != 1:
+        raise ValueError(f"a prompt template needs exactly one '{{}}' for the class name: {template!r}")
+    return template.replace("{}", class_name)
+
+
+@dataclass
+class BlackBox:
+    """A metered view of a backend over one fixed image set; scores come back as numpy ``[p, n, c]``."""
+
+    _backend: EmbeddingBackend | ScoringBackend = field(repr=False)
+    _images: Sequence[Image.Image] = field(repr=False)
+    class_names: list[str]
+    meter: QueryMeter = field(default_factory=QueryMeter)
+
+    def __post_init__(self) -> None:
+        self._image_emb: np.ndarray | None = None
+        if not isinstance(self._backend, (EmbeddingBackend, ScoringBackend)):
+            raise TypeError(f"{type(self._backend).__name__} is neither an embedding nor a scoring backend")
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the backend behind this box accepts."""
+        return self._backend.capabilities
+
+    @property
+    def identity(self) -> dict:
+        """The backend's identity, for the adapter file."""
+        return dict(self._backend.identity)
+
+    @property
+    def n_images(self) -> int:
+        """How many images this box scores."""
+        return len(self._images)
+
+    def _images_embedded(self) -> np.ndarray:
+        if self._image_emb is None:
+            self.meter.charge(vendor_calls=1, images=len(self._images))
+            self._image_emb = self._backend.embed_images(self._images)  # [n, d]
+        return self._image_emb
+
+    def _cosine_logits(self, text_emb: np.ndarray) -> np.ndarray:
+        # text_emb: [p, c, d] -> logits [p, n, c]
+        img = self._images_embedded()
+        return self._backend.logit_scale * np.einsum("nd,pcd->pnc", img, text_emb, optimize=True)
+
+    def logits_text(self, templates: Sequence[str]) -> np.ndarray:
+        """Scores ``[p, n, c]`` of each template (with ``{}`` for the class name) on every image."""
+        texts = [fill(t, c) for t in templates for c in self.class_names]
+        if self.capabilities.style == "scoring":
+            return self._score_all(templates)
+        self._images_embedded()
+        self.meter.charge(queries=len(templates), vendor_calls=1)
+        emb = self._backend.embed_texts(texts).reshape(len(templates), len(self.class_names), -1)
+        return self._cosine_logits(emb)
+
+    def _score_all(self, templates: Sequence[str]) -> np.ndarray:
+        n = len(self._images)
+        out = np.empty((len(templates), n, len(self.class_names)), np.float32)
+        for p, t in enumerate(templates):
+            self.meter.check(queries=1, vendor_calls=n)
+            for i, im in enumerate(self._images):
+                self.meter.charge(vendor_calls=1, images=1)
+                out[p, i] = self._backend.score(im, self.class_names, t)
+            self.meter.queries += 1
+        return out
+
+    def soft_prompt_init(self, text: str = "a photo of a") -> np.ndarray:
+        """The backend's token embeddings ``[n_ctx, width]`` of ``text``; needs soft-prompt support."""
+        return self._soft().soft_prompt_init(text)
+
+    def logits_soft(self, ctx: np.ndarray) -> np.ndarray:
+        """Scores ``[p, n, c]`` of context vectors ``ctx [p, n_ctx, width]`` on every image."""
+        backend = self._soft()
+        self._images_embedded()
+        self.meter.charge(queries=len(ctx), vendor_calls=1)
+        return self._cosine_logits(backend.embed_soft(ctx, self.class_names))
+
+    def describe_soft(self, ctx: np.ndarray) -> str:
+        """Nearest-token reading of ``ctx [n_ctx, width]``, for people."""
+        return self._soft().describe_soft(ctx)
+
+    def _soft(self) -> SoftPromptBackend:
+        if not self.capabilities.soft_prompts:
+            raise TypeError(
+                f"backend {self.identity.get('name', '?')} accepts only text prompts; use --prompt text"
+            )
+        return self._backend  # type: ignore[return-value]

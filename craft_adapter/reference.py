@@ -1,0 +1,117 @@
+"""The built-in reference setup: Fashion-MNIST, the image styles the reference vendor was taught, and the
+reference downstream task (catalogue photos: Fashion-MNIST under a fixed domain shift)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import DataError, LabeledImages, arrays_to_images, load_idx, sample_k_shot
+
+FASHION_MNIST_DIR = Path(os.environ.get("CRAFT_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+REFERENCE_VENDOR_DIR = Path(__file__).resolve().parent.parent / "reference" / "vendor"
+CLASS_NAMES = [
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+]
+HAND_TEMPLATE = "a photo of a {}."
+
+
+def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of ``[n, h, w]`` float images, edge-padded."""
+    r = max(1, int(round(3 * sigma)))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    for axis in (1, 2):
+        pad = [(0, 0)] * 3
+        pad[axis] = (r, r)
+        xp = np.pad(x, pad, mode="edge")
+        n = x.shape[axis]
+        x = sum(w * np.take(xp, np.arange(i, i + n), axis=axis) for i, w in enumerate(k))
+    return x
+
+
+def _pixelate(x: np.ndarray, f: int = 4) -> np.ndarray:
+    n, h, w = x.shape
+    small = x.reshape(n, h // f, f, w // f, f).mean(axis=(2, 4))
+    return np.repeat(np.repeat(small, f, axis=1), f, axis=2)
+
+
+@dataclass(frozen=True)
+class Style:
+    """An image style: how to render it, and how a caption says it (adjective or suffix)."""
+
+    name: str
+    adjective: str | None
+    suffix: str | None
+    render: Callable[[np.ndarray, np.random.Generator], np.ndarray]  # float [n,h,w] in 0..255
+
+
+# Order matters: styles compose in this order, and captions list adjectives in it.
+STYLES: tuple[Style, ...] = (
+    Style("white background", None, " on a white background", lambda x, r: 255.0 - x),
+    Style("blurry", "blurry", None, lambda x, r: _blur(x, 1.2)),
+    Style("pixelated", "pixelated", None, lambda x, r: _pixelate(x)),
+    Style("low contrast", "low contrast", None, lambda x, r: x * 0.35 + 0.65 * 127.5),
+    Style("dark", "dark", None, lambda x, r: x * 0.35),
+    Style("bright", "bright", None, lambda x, r: x * 0.45 + 140.0),
+    Style("noisy", "noisy", None, lambda x, r: x + r.normal(0.0, 40.0, size=x.shape)),
+)
+NOUNS = ("photo", "picture", "image")
+
+
+def caption(class_name: str, styles: tuple[int, ...], noun: str = "photo") -> str:
+    """The caption the reference vendor was trained on for a class rendered in ``styles``."""
+    adjs = " ".join(STYLES[s].adjective for s in styles if STYLES[s].adjective)
+    suffix = "".join(STYLES[s].suffix for s in styles if STYLES[s].suffix)
+    head = f"a {adjs} {noun}" if adjs else f"a {noun}"
+    return f"{head} of a {class_name}{suffix}."
+
+
+def render(x: np.ndarray, styles: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Render uint8 ``[n,h,w]`` images in the given styles; returns uint8."""
+    y = x.astype(np.float32)
+    for s in sorted(styles):
+        y = STYLES[s].render(y, rng)
+    return np.clip(np.rint(y), 0, 255).astype(np.uint8)
+
+
+# The reference domain shift: e-commerce catalogue shots. Garments on a white background, washed out and
+# slightly out of focus -- what a classifier trained on studio scans meets in product listings.
+SHIFT_STYLES = (0, 1, 3)  # white background, blurry, low contrast
+
+
+def apply_shift(x: np.ndarray) -> np.ndarray:
+    """The reference task's deterministic domain shift on uint8 ``[n,h,w]`` images."""
+    return render(x, SHIFT_STYLES, np.random.default_rng(0))
+
+
+def load_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST ``train`` or ``test`` as ``([n,28,28] uint8, [n] int64)`` from the Debian package."""
+    stem = {"train": "train", "test": "t10k"}.get(split)
+    if stem is None:
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
+    img = FASHION_MNIST_DIR / f"{stem}-images-idx3-ubyte.gz"
+    lab = FASHION_MNIST_DIR / f"{stem}-labels-idx1-ubyte.gz"
+    if not img.exists():
+        raise DataError(
+            f"Fashion-MNIST not found at {FASHION_MNIST_DIR}; install it with "
+            "`apt-get install dataset-fashion-mnist` or set CRAFT_FASHION_MNIST"
+        )
+    return load_idx(img, lab)
+
+
+def reference_task(shots: int, seed: int, shifted: bool = True) -> tuple[LabeledImages, LabeledImages]:
+    """The reference task: ``shots`` per class drawn by ``seed`` from the train split, and the fixed
+    10,000-image test split, both under the catalogue shift (or plain when ``shifted`` is False)."""
+    (xtr, ytr), (xte, yte) = load_fashion_mnist("train"), load_fashion_mnist("test")
+    idx = sample_k_shot(ytr, shots, seed, n_classes=len(CLASS_NAMES))
+    xtr = xtr[idx]
+    if shifted:
+        xtr, xte = apply_shift(xtr), apply_shift(xte)
+    train = LabeledImages(arrays_to_images(xtr), ytr[idx], list(CLASS_NAMES))
+    test = LabeledImages(arrays_to_images(xte), yte, list(CLASS_NAMES))
+    return train, test

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny random open_clip model in the local-dir layout, and small image sets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from craft_adapter.reference import REFERENCE_VENDOR_DIR
+
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 28, "layers": 1, "width": 32, "patch_size": 7, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+TINY_PRE = {"size": 28, "mode": "RGB", "mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised tiny CLIP saved as an open_clip local-dir folder."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_CFG)
+    d = tmp_path_factory.mktemp("tiny_clip")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "open_clip_model.safetensors"))
+    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG, "preprocess_cfg": TINY_PRE}))
+    return d
+
+
+@pytest.fixture(scope="session")
+def reference_vendor_dir() -> Path:
+    """The committed reference vendor; tests that need it are skipped if it was never built."""
+    if not (REFERENCE_VENDOR_DIR / "open_clip_config.json").exists():
+        pytest.skip("reference vendor not built (make vendor)")
+    return REFERENCE_VENDOR_DIR
+
+
+def random_images(n: int, seed: int = 0, size: int = 28) -> list[Image.Image]:
+    """``n`` random greyscale images."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), mode="L") for _ in range(n)]

@@ -1,0 +1,90 @@
+"""The in-process open_clip backend: loading rules, soft-prompt encoding, batched prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from craft_adapter.backends.open_clip_backend import BackendError, OpenClipBackend, encode_text_embeddings
+from tests.conftest import random_images
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir):
+    return OpenClipBackend(f"local-dir:{tiny_model_dir}", device="cpu")
+
+
+def test_soft_encoding_equals_encode_text_for_real_token_embeddings(backend):
+    model, tok = backend._model, backend._tokenizer
+    ids = tok(["a photo of a coat.", "a blurry picture of a sneaker on a white background."])
+    with torch.no_grad():
+        ref = model.encode_text(ids)
+        mine = encode_text_embeddings(model, model.token_embedding(ids), ids)
+    torch.testing.assert_close(mine, ref, rtol=0, atol=1e-6)
+
+
+def test_embed_soft_with_p0_equals_text_prompt(backend):
+    classes = ["coat", "ankle boot", "t-shirt"]
+    p0 = backend.soft_prompt_init("a photo of a")
+    assert p0.shape == (4, 32)
+    # a random nudge (a constant shift would vanish in LayerNorm)
+    nudged = p0 + np.random.default_rng(0).normal(0, 0.1, p0.shape).astype(np.float32)
+    soft = backend.embed_soft(np.stack([p0, nudged]), classes)  # [2, 3, d]
+    text = backend.embed_texts([f"a photo of a {c}." for c in classes])
+    np.testing.assert_allclose(soft[0], text, atol=1e-5)
+    assert np.abs(soft[1] - text).max() > 1e-3  # a different context really changes the prompt
+
+
+def test_describe_soft_reads_back_real_words(backend):
+    p0 = backend.soft_prompt_init("a photo of a")
+    assert backend.describe_soft(p0) == "a photo of a"
+
+
+def test_many_prompts_in_one_pass_match_one_at_a_time(backend):
+    rng = np.random.default_rng(0)
+    ctx = rng.normal(0, 0.02, size=(5, 4, 32)).astype(np.float32)
+    together = backend.embed_soft(ctx, ["bag", "dress"])
+    alone = np.stack([backend.embed_soft(ctx[i:i + 1], ["bag", "dress"])[0] for i in range(5)])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_images_use_the_models_own_preprocessing(backend):
+    imgs = random_images(3)
+    emb = backend.embed_images(imgs)
+    x = torch.stack([backend._preprocess(im) for im in imgs])
+    # mean 0.5, std 0.25 from the folder's preprocess_cfg, not ImageNet's constants
+    raw = torch.from_numpy(np.asarray(imgs[0], dtype=np.float32) / 255.0)
+    torch.testing.assert_close(x[0, 0], (raw - 0.5) / 0.25, rtol=0, atol=1e-5)
+    assert emb.shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_builtin_name_without_weights_is_refused():
+    with pytest.raises(BackendError, match="never downloads"):
+        OpenClipBackend("ViT-B-32", device="cpu")
+
+
+def test_builtin_name_with_missing_weights_file(tmp_path):
+    with pytest.raises(BackendError, match="does not exist"):
+        OpenClipBackend("ViT-B-32", weights=tmp_path / "nope.bin", device="cpu")
+
+
+def test_unknown_architecture_and_bad_folder(tmp_path):
+    with pytest.raises(BackendError, match="unknown open_clip architecture"):
+        OpenClipBackend("not-a-model", weights=tmp_path / "w.bin", device="cpu")
+    with pytest.raises(BackendError, match="open_clip_config.json"):
+        OpenClipBackend(f"local-dir:{tmp_path}", device="cpu")
+
+
+def test_builtin_name_with_local_weights_file(tiny_model_dir, tmp_path):
+    """The model-name + local-file form, as a user with real CLIP weights would use it."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    model = open_clip.create_model("RN50", load_weights=False)
+    w = tmp_path / "open_clip_pytorch_model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(w))
+    b = OpenClipBackend("RN50", weights=w, device="cpu")
+    assert b.identity["model"] == "RN50" and b.identity["weights_sha256"] != "random-init"
+    assert b.embed_texts(["a photo of a cat."]).shape == (1, 1024)
