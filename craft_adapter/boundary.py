@@ -7,7 +7,9 @@ scores. Nothing on a ``BlackBox`` leads to weights, modules or gradients.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -40,6 +42,7 @@ class QueryMeter:
     queries: int = 0
     vendor_calls: int = 0
     images_sent: int = 0
+    vendor_seconds: float = 0.0  # wall time spent inside vendor calls
 
     def __post_init__(self) -> None:
         if self.unit not in ("queries", "vendor_calls"):
@@ -164,6 +167,19 @@ class BlackBox:
         return dict(self._backend.identity)
 
     @property
+    def logit_scale(self) -> float:
+        """The scale on cosine logits (1.0 for a scoring vendor, whose scores are used as they come)."""
+        return float(getattr(self._backend, "logit_scale", 1.0))
+
+    @contextmanager
+    def _vendor(self) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.meter.vendor_seconds += time.perf_counter() - t
+
+    @property
     def n_images(self) -> int:
         """How many images this box scores."""
         return len(self._images)
@@ -171,7 +187,8 @@ class BlackBox:
     def _images_embedded(self) -> np.ndarray:
         if self._image_emb is None:
             self.meter.charge(vendor_calls=1, images=len(self._images))
-            self._image_emb = self._backend.embed_images(self._images)  # [n, d]
+            with self._vendor():
+                self._image_emb = self._backend.embed_images(self._images)  # [n, d]
         return self._image_emb
 
     def _cosine_logits(self, text_emb: np.ndarray) -> np.ndarray:
@@ -186,7 +203,8 @@ class BlackBox:
             return self._score_all(templates)
         self._images_embedded()
         self.meter.charge(queries=len(templates), vendor_calls=1)
-        emb = self._backend.embed_texts(texts).reshape(len(templates), len(self.class_names), -1)
+        with self._vendor():
+            emb = self._backend.embed_texts(texts).reshape(len(templates), len(self.class_names), -1)
         return self._cosine_logits(emb)
 
     def _score_all(self, templates: Sequence[str]) -> np.ndarray:
@@ -196,7 +214,8 @@ class BlackBox:
             self.meter.check(queries=1, vendor_calls=n)
             for i, im in enumerate(self._images):
                 self.meter.charge(vendor_calls=1, images=1)
-                out[p, i] = self._backend.score(im, self.class_names, t)
+                with self._vendor():
+                    out[p, i] = self._backend.score(im, self.class_names, t)
             self.meter.queries += 1
         return out
 
@@ -209,7 +228,9 @@ class BlackBox:
         backend = self._soft()
         self._images_embedded()
         self.meter.charge(queries=len(ctx), vendor_calls=1)
-        return self._cosine_logits(backend.embed_soft(ctx, self.class_names))
+        with self._vendor():
+            emb = backend.embed_soft(ctx, self.class_names)
+        return self._cosine_logits(emb)
 
     def describe_soft(self, ctx: np.ndarray) -> str:
         """Nearest-token reading of ``ctx [n_ctx, width]``, for people."""

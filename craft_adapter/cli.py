@@ -1,4 +1,4 @@
-"""The ``craft-adapter`` command line."""
+"""The ``craft-adapter`` command line: eval and inspect here, the rest registered from sibling modules."""
 
 from __future__ import annotations
 
@@ -7,28 +7,24 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.table import Table
 
-from .data import DataError, LabeledImages, load_image_folder
-from .reference import HAND_TEMPLATE, REFERENCE_VENDOR_DIR
-
-app = typer.Typer(
-    help="Fine-tune a black-box vision-language model for few-shot classification (CraFT).",
-    no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
+from .cli_common import (
+    DEFAULT_MODEL,
+    DataOpt,
+    DeviceOpt,
+    ModelOpt,
+    WeightsOpt,
+    app,
+    err,
+    fail,
+    load_backend,
+    load_test_set,
+    out,
 )
-out = Console()
-err = Console(stderr=True)
+from .reference import HAND_TEMPLATE
 
-ModelOpt = Annotated[str, typer.Option(
-    "--model", help="open_clip architecture name (with --weights) or local-dir:PATH. "
-    "Default: the built-in reference vendor.")]
-WeightsOpt = Annotated[Path | None, typer.Option(
-    "--weights", help="Local weights file for a built-in architecture, e.g. open_clip_pytorch_model.bin.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-DataOpt = Annotated[Path | None, typer.Option(
-    "--data", help="Image folder, root/<class name>/*.png|jpg. Default: the reference task.")]
-
-DEFAULT_MODEL = f"local-dir:{REFERENCE_VENDOR_DIR}"
+__all__ = ["app", "fail", "load_backend", "main"]
 
 
 @app.callback()
@@ -36,66 +32,95 @@ def _root() -> None:
     """Fine-tune a black-box vision-language model for few-shot classification (CraFT)."""
 
 
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print ``message`` as an error and return the exit to raise."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
-
-
-def load_backend(model: str, weights: Path | None, device: str):
-    """Build the in-process open_clip backend, turning setup mistakes into clean CLI errors."""
-    from .backends.open_clip_backend import BackendError, OpenClipBackend
-
-    try:
-        with err.status(f"loading {model}"):
-            return OpenClipBackend(model, weights, device=device)
-    except BackendError as e:
-        raise fail(str(e)) from None
-
-
-def load_test_set(data: Path | None, shifted: bool) -> LabeledImages:
-    """The test images: a folder, or the reference task's 10,000-image test split."""
-    from .reference import reference_task
-
-    try:
-        if data is not None:
-            return load_image_folder(data)
-        with err.status("loading the reference task's test split"):
-            return reference_task(shots=1, seed=0, shifted=shifted)[1]
-    except DataError as e:
-        raise fail(str(e)) from None
-
-
 @app.command("eval")
 def eval_cmd(
+    adapter: Annotated[Path | None, typer.Argument(help="Adapter file; without one, zero-shot only.")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
     data: DataOpt = None,
-    template: Annotated[str, typer.Option(help="Hand-written prompt, {} marks the class name.")] = HAND_TEMPLATE,
+    template: Annotated[str, typer.Option(help="Hand-written prompt for zero-shot, {} marks the class name. "
+                                          "With an adapter, the adapter's own template is used.")] = HAND_TEMPLATE,
     shift: Annotated[bool, typer.Option(help="Reference task only: apply the catalogue shift.")] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.")] = None,
 ) -> None:
-    """Zero-shot accuracy of a hand-written prompt on a test set, with the queries it cost."""
+    """Zero-shot, and with an adapter the adapted, accuracy on a test set, with the queries it cost."""
+    from .artifact import Adapter, AdapterError
     from .boundary import BlackBox, QueryMeter, fill
-    from .evaluate import zero_shot
+    from .evaluate import evaluate_adapter, zero_shot
 
     try:
         fill(template, "x")
-    except ValueError as e:
+        loaded = Adapter.load(adapter) if adapter is not None else None
+    except (ValueError, AdapterError) as e:
         raise fail(str(e)) from None
     test = load_test_set(data, shift)
     backend = load_backend(model, weights, device)
     box = BlackBox(backend, test.images, test.class_names, QueryMeter())
     with err.status(f"scoring {len(test)} images"):
-        result, _ = zero_shot(box, test.labels, template)
-    out.print(f"zero-shot accuracy: [bold]{100 * result.accuracy:.2f}%[/] on {result.n_images} images "
-              f"with {template!r} ({result.queries} queries, {result.vendor_calls} vendor calls)")
+        if loaded is None:
+            res, _ = zero_shot(box, test.labels, template)
+            result = {"zero_shot_accuracy": res.accuracy, "template": template, "n_images": res.n_images,
+                      "queries": res.queries, "vendor_calls": res.vendor_calls}
+        else:
+            try:
+                result = {**evaluate_adapter(box, test.labels, loaded), "template": loaded.template}
+            except AdapterError as e:
+                raise fail(str(e)) from None
+    out.print(f"zero-shot accuracy: [bold]{100 * result['zero_shot_accuracy']:.2f}%[/] "
+              f"with {result['template']!r}")
+    if loaded is not None:
+        out.print(f"prompt-only accuracy: {100 * result['prompt_only_accuracy']:.2f}%")
+        out.print(f"adapted accuracy:   [bold green]{100 * result['adapted_accuracy']:.2f}%[/]")
+    out.print(f"{result['n_images']} images, {result['queries']} queries, {result['vendor_calls']} vendor calls")
     if json_out is not None:
-        json_out.write_text(json.dumps({
-            "zero_shot_accuracy": result.accuracy, "template": template, "n_images": result.n_images,
-            "queries": result.queries, "vendor_calls": result.vendor_calls, "backend": backend.identity,
-        }, indent=2) + "\n")
+        json_out.write_text(json.dumps({**result, "backend": backend.identity}, indent=2) + "\n")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    adapter: Annotated[Path, typer.Argument(help="Adapter file (.safetensors).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw metadata as JSON.")] = False,
+) -> None:
+    """Show what an adapter file holds: classes, prompt, mode, logits, backend and fit summary."""
+    from .artifact import Adapter, AdapterError
+
+    try:
+        a = Adapter.load(adapter)
+    except AdapterError as e:
+        raise fail(str(e)) from None
+    meta = a.metadata()
+    if as_json:
+        out.print_json(json.dumps(meta))
+        return
+    t = Table(title=str(adapter), show_header=False)
+    t.add_row("format version", str(a.format_version))
+    t.add_row("mode", a.mode)
+    t.add_row("classes", f"{a.n_classes}: " + ", ".join(a.class_names))
+    t.add_row("prompt template", a.template)
+    if a.ctx is not None:
+        t.add_row("learned context", f"{a.ctx.shape[0]} vectors x {a.ctx.shape[1]}, reads as {a.prompt_reading!r}")
+    t.add_row("logits", f"{a.logit_kind} (scale {a.logit_scale:.4g}); refiner input: {meta['logits']['refiner_input']}")
+    t.add_row("refiner", f"residual MLP {a.n_classes} -> {a.hidden} -> {a.n_classes}")
+    t.add_row("backend", json.dumps(a.backend))
+    fit = {k: v for k, v in a.fit.items() if k != "config"}
+    t.add_row("fit", json.dumps(fit))
+    t.add_row("file size", f"{adapter.stat().st_size} bytes")
+    out.print(t)
+
+
+def _register() -> None:
+    from . import cli_fit
+
+    cli_fit.register(app)
+    try:
+        from . import cli_ship
+    except ImportError:  # pragma: no cover - shipped with the export/serve issue
+        return
+    cli_ship.register(app)
+
+
+_register()
 
 
 def main() -> None:

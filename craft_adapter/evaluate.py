@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .artifact import Adapter, AdapterError
 from .boundary import BlackBox
 
 
@@ -29,3 +30,24 @@ def zero_shot(box: BlackBox, labels: np.ndarray, template: str) -> tuple[EvalRes
     scores = box.logits_text([template])[0]
     m = box.meter
     return EvalResult(accuracy(scores, labels), box.n_images, m.queries, m.vendor_calls), scores
+
+
+def adapted_scores(box: BlackBox, adapter: Adapter) -> tuple[np.ndarray, np.ndarray]:
+    """Vendor scores ``[n, c]`` with the adapter's learned prompt, and the refined logits ``[n, c]``."""
+    if list(adapter.class_names) != list(box.class_names):
+        raise AdapterError(f"the adapter's classes {adapter.class_names} differ from the data's "
+                           f"{box.class_names}; evaluate on data with the same class folders")
+    if adapter.mode == "soft":
+        raw = box.logits_soft(adapter.ctx[None])[0]
+    else:
+        raw = box.logits_text([adapter.template])[0]
+    return raw, adapter.refine(raw)
+
+
+def evaluate_adapter(box: BlackBox, labels: np.ndarray, adapter: Adapter) -> dict[str, float | int]:
+    """Zero-shot (the adapter's hand-written template), prompt-only and adapted accuracy, with query counts."""
+    zs = accuracy(box.logits_text([adapter.template])[0], labels)
+    raw, refined = adapted_scores(box, adapter)
+    return {"zero_shot_accuracy": zs, "prompt_only_accuracy": accuracy(raw, labels),
+            "adapted_accuracy": accuracy(refined, labels), "n_images": box.n_images,
+            "queries": box.meter.queries, "vendor_calls": box.meter.vendor_calls}

@@ -1,0 +1,95 @@
+"""The command line through typer's CliRunner: help, error exits, and a real tiny fit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from craft_adapter.artifact import Adapter
+from craft_adapter.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_lists_commands_and_fit_defaults():
+    r = invoke("--help")
+    assert r.exit_code == 0
+    for cmd in ("fit", "eval", "inspect", "demo"):
+        assert cmd in r.output
+    r = invoke("fit", "--help")
+    assert r.exit_code == 0
+    for text in ("--popsize", "40", "--sigma", "--proj-std", "0.2", "--kl-decay-n", "--holdout-shots"):
+        assert text in r.output
+
+
+def test_no_command_shows_help_and_unknown_command_fails():
+    assert invoke("nope").exit_code == 2
+    r = invoke()
+    assert "fit" in r.output
+
+
+def test_missing_data_folder_is_a_clean_error(tmp_path):
+    r = invoke("eval", "--data", tmp_path / "nothing", "--model", f"local-dir:{tmp_path}")
+    assert r.exit_code == 2
+    assert "does not exist" in r.output and "Traceback" not in r.output
+
+
+def test_bad_template_and_bad_model(tmp_path):
+    r = invoke("eval", "--template", "no placeholder")
+    assert r.exit_code == 2 and "exactly one '{}'" in r.output
+    (tmp_path / "c").mkdir()
+    r = invoke("eval", "--model", "ViT-B-32", "--data", tmp_path)
+    assert r.exit_code == 2
+
+
+def test_inspect_rejects_a_non_adapter(tmp_path):
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(b"garbage")
+    r = invoke("inspect", p)
+    assert r.exit_code == 2 and "not a safetensors file" in r.output
+
+
+def test_fit_refuses_to_overwrite_and_bad_settings(tmp_path):
+    out = tmp_path / "a.safetensors"
+    out.write_bytes(b"keep me")
+    r = invoke("fit", "-o", out)
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    assert out.read_bytes() == b"keep me"
+    r = invoke("fit", "-o", tmp_path / "b.safetensors", "--popsize", "1")
+    assert r.exit_code == 2 and "popsize" in r.output
+
+
+def write_folder(root, images, labels, names):
+    for i, (im, y) in enumerate(zip(images, labels, strict=True)):
+        d = root / names[y]
+        d.mkdir(parents=True, exist_ok=True)
+        im.save(d / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_tiny_cli_fit_improves_over_zero_shot_and_loads(reference_vendor_dir, tmp_path):
+    from craft_adapter.reference import reference_task
+
+    train, _ = reference_task(shots=8, seed=2)
+    data = write_folder(tmp_path / "shots", train.images, train.labels, train.class_names)
+    out = tmp_path / "adapter.safetensors"
+    r = invoke("fit", "--data", data, "--shots", 8, "--budget", 1200, "--seed", 2, "-o", out, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    adapter = Adapter.load(out)
+    assert adapter.fit["queries"] <= 1200 and adapter.class_names == sorted(train.class_names)
+    assert json.loads(out.with_name(out.name + ".fitlog.json").read_text())["wall_time_s"] > 0
+    r = invoke("eval", out, "--data", data, "--device", "cpu", "--json", tmp_path / "e.json")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["adapted_accuracy"] > res["zero_shot_accuracy"] + 0.1
+    r = invoke("inspect", out)
+    assert r.exit_code == 0 and "reads as" in r.output and "8" in r.output
+    assert np.isfinite(adapter.ctx).all()

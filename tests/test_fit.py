@@ -1,0 +1,115 @@
+"""The collaborative fit on the tiny model: budget, determinism, improvement, ablations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from craft_adapter.artifact import Adapter
+from craft_adapter.backends.open_clip_backend import OpenClipBackend
+from craft_adapter.boundary import BlackBox, BudgetExhausted, QueryMeter
+from craft_adapter.config import FitConfig, default_budget
+from craft_adapter.fit import fit, plan_rounds
+from tests.conftest import random_images
+
+CLASSES = ["coat", "bag", "sandal"]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir):
+    return OpenClipBackend(f"local-dir:{tiny_model_dir}", device="cpu")
+
+
+def run(backend, budget=130, seed=0, n_holdout=1, **kw):
+    cfg = FitConfig(shots=4, seed=seed, budget=budget, popsize=8, intrinsic_dim=16, eval_every=3,
+                    holdout_shots=n_holdout, **kw)
+    imgs = random_images(12, seed=1)
+    labels = np.repeat(np.arange(3), 4)
+    ho = np.array([0, 4, 8][:3 if n_holdout else 0], dtype=int)
+    tr = np.setdiff1d(np.arange(12), ho)
+    meter = QueryMeter(cfg.query_budget)
+    box = BlackBox(backend, [imgs[i] for i in tr], CLASSES, meter)
+    hold = BlackBox(backend, [imgs[i] for i in ho], CLASSES, meter) if n_holdout else None
+    return fit(box, hold, labels[tr], labels[ho] if n_holdout else None, cfg), meter, box, labels[tr]
+
+
+def test_budget_is_never_exceeded_and_count_is_exact(backend):
+    res, meter, _, _ = run(backend, budget=130)
+    rounds = plan_rounds(FitConfig(shots=4, budget=130, popsize=8, intrinsic_dim=16, eval_every=3,
+                                   holdout_shots=1), True)
+    checks = -(-rounds // 3)
+    assert meter.queries == rounds * 8 + checks <= 130
+    assert res.adapter.fit["queries"] == meter.queries
+    assert len(res.history) == rounds
+    assert meter.vendor_calls == rounds + checks + 2  # one text call per generation and check, images once per set
+
+
+def test_budget_too_small_is_a_clear_error(backend):
+    with pytest.raises(ValueError, match="too small for one generation"):
+        run(backend, budget=7)
+
+
+def test_fit_is_deterministic_byte_for_byte(backend):
+    a = run(backend, seed=3)[0].adapter.to_bytes()
+    b = run(backend, seed=3)[0].adapter.to_bytes()
+    c = run(backend, seed=4)[0].adapter.to_bytes()
+    assert a == b
+    assert a != c
+
+
+def test_adapter_round_trips(backend, tmp_path):
+    a = run(backend)[0].adapter
+    b = Adapter.load(a.save(tmp_path / "a.safetensors"))
+    assert b.to_bytes() == a.to_bytes()
+    assert b.class_names == CLASSES and b.mode == "soft" and b.ctx.shape == (4, 32)
+    x = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    np.testing.assert_array_equal(a.refine(x), b.refine(x))
+
+
+def test_prompt_only_leaves_the_refiner_as_identity(backend):
+    a = run(backend, train_refiner=False)[0].adapter
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    np.testing.assert_allclose(a.refine(x), x, atol=0)
+
+
+def test_refiner_only_pays_for_the_fixed_prompt_once(backend):
+    res, meter, _, _ = run(backend, train_prompt=False, budget=80)
+    assert meter.queries == 2  # train set once, hold-out once
+    assert len(res.history) == 80 // 8
+    np.testing.assert_allclose(res.adapter.ctx, backend.soft_prompt_init("a photo of a"))
+
+
+def test_meter_budget_must_match_the_config(backend):
+    cfg = FitConfig(shots=4, budget=100, popsize=8, intrinsic_dim=16)
+    box = BlackBox(backend, random_images(3), CLASSES, QueryMeter(budget=50))
+    with pytest.raises(ValueError, match="budget"):
+        fit(box, None, np.arange(3), None, cfg)
+
+
+def test_meter_refuses_overspend_mid_fit(backend):
+    cfg = FitConfig(shots=4, budget=100, popsize=8, intrinsic_dim=16, holdout_shots=0)
+    meter = QueryMeter(budget=100)
+    meter.queries = 95  # someone else already spent most of it
+    box = BlackBox(backend, random_images(3), CLASSES, meter)
+    with pytest.raises(BudgetExhausted):
+        fit(box, None, np.arange(3), None, cfg)
+    assert meter.queries == 95
+
+
+def test_default_budgets_follow_the_paper():
+    assert [default_budget(s) for s in (1, 2, 4, 8, 16)] == [2000, 4000, 4000, 8000, 8000]
+
+
+def test_config_validation_and_file(tmp_path):
+    with pytest.raises(ValueError, match="popsize"):
+        FitConfig(popsize=1)
+    with pytest.raises(ValueError, match="holdout_shots"):
+        FitConfig(shots=2, holdout_shots=2)
+    p = tmp_path / "c.toml"
+    p.write_text("popsize = 20\nsigma = 0.5\n")
+    cfg = FitConfig.from_file(p, sigma=0.7)
+    assert (cfg.popsize, cfg.sigma) == (20, 0.7)
+    j = tmp_path / "c.json"
+    j.write_text('{"popsiz": 3}')
+    with pytest.raises(ValueError, match="unknown fit settings"):
+        FitConfig.from_file(j)
