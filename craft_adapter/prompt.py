@@ -11,16 +11,17 @@ from .config import FitConfig
 class SoftPromptSearch:
     """CMA-ES over a low-dimensional ``z``; a fixed random projection ``A`` maps it to context vectors.
 
-    With ``step_scale="relative"`` the entries of ``A`` are scaled by the spread of ``p0``, so one unit of
-    ``sigma`` moves every context entry by about ``proj_std * std(p0)`` whatever the model's embedding
-    scale. ``"absolute"`` keeps the constants in raw embedding units, as tuned for OpenAI CLIP.
+    The paper draws ``A`` with entries of std ``proj_std`` in raw embedding units (``"absolute"``). With
+    ``step_scale="relative"`` (the default) the entries have std ``proj_std * std(p0)``, so a step of
+    ``sigma`` moves each context entry by about ``sigma * proj_std * sqrt(intrinsic_dim) * std(p0)``: the
+    same move relative to the model's own embedding spread, whatever that spread is.
     """
 
     def __init__(self, p0: np.ndarray, cfg: FitConfig) -> None:
         self.p0 = p0.astype(np.float32)  # [n_ctx, width]
         unit = float(p0.std()) if cfg.step_scale == "relative" else 1.0
         rng = np.random.default_rng(cfg.seed)
-        std = cfg.proj_std * unit / np.sqrt(cfg.intrinsic_dim)
+        std = cfg.proj_std * unit
         self.A = rng.normal(0.0, std, size=(cfg.intrinsic_dim, p0.size)).astype(np.float32)  # [d, n_ctx*width]
         self.bound = cfg.bound
         self.es = cma.CMAEvolutionStrategy(

@@ -1,0 +1,172 @@
+"""Accuracy benchmark on the reference task (Fashion-MNIST under the catalogue shift).
+
+16 shots, budget 8000, seeds 1-3: zero-shot, prompt only, refiner only, CraFT, prompt only with the paper's
+absolute step sizes, and white-box bounds (CoOp, linear probe). Then CraFT at 1, 2, 4 and 8 shots with the
+default budgets. Writes benchmarks/results/accuracy.json and accuracy_vs_queries.png.
+
+    .venv/bin/python benchmarks/accuracy.py            # about 10 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.whitebox import coop, linear_probe  # noqa: E402
+from craft_adapter.backends.open_clip_backend import OpenClipBackend  # noqa: E402
+from craft_adapter.boundary import BlackBox, QueryMeter  # noqa: E402
+from craft_adapter.config import FitConfig  # noqa: E402
+from craft_adapter.data import split_holdout  # noqa: E402
+from craft_adapter.evaluate import accuracy  # noqa: E402
+from craft_adapter.fit import FitState, fit  # noqa: E402
+from craft_adapter.reference import HAND_TEMPLATE, REFERENCE_VENDOR_DIR, reference_task  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = {
+    "prompt only": {"train_refiner": False},
+    "prompt only, absolute steps": {"train_refiner": False, "step_scale": "absolute"},
+    "refiner only": {"train_prompt": False},
+    "CraFT": {},
+}
+
+
+class TestScorer:
+    """Scores prompts on the fixed test split; its meter is separate from any fit's budget."""
+
+    def __init__(self, backend: OpenClipBackend) -> None:
+        _, test = reference_task(1, 0)
+        self.y = test.labels
+        self.box = BlackBox(backend, test.images, test.class_names, QueryMeter())
+        self.emb = None
+
+    def acc(self, ctx: np.ndarray | None, refine=None) -> float:
+        """Test accuracy of context ``ctx`` (or the hand template), optionally refined."""
+        raw = self.box.logits_soft(ctx[None])[0] if ctx is not None else self.box.logits_text([HAND_TEMPLATE])[0]
+        return accuracy(refine(raw) if refine else raw, self.y)
+
+
+def run_fit(backend, scorer: TestScorer, shots: int, seed: int, curve: bool = False, **overrides) -> dict:
+    """One fit, scored on the test split; optionally an accuracy-vs-queries curve."""
+    import torch
+
+    cfg = FitConfig(shots=shots, seed=seed, **overrides)
+    train, _ = reference_task(shots, seed)
+    tr, ho = split_holdout(train.labels, cfg.n_holdout, seed)
+    meter = QueryMeter(cfg.query_budget)
+    box = BlackBox(backend, [train.images[i] for i in tr], train.class_names, meter)
+    hold = BlackBox(backend, [train.images[i] for i in ho], train.class_names, meter) if len(ho) else None
+    points = []
+
+    def on_gen(s: FitState) -> None:
+        if curve and (s.generation % 10 == 0 or s.generation == 1):
+            with torch.no_grad():
+                ref = (lambda x: s.refiner(torch.from_numpy(x)).numpy())
+                points.append((s.queries, scorer.acc(s.ctx, ref)))
+
+    res = fit(box, hold, train.labels[tr], train.labels[ho] if hold else None, cfg, on_generation=on_gen)
+    a = res.adapter
+    return {"acc": scorer.acc(a.ctx, a.refine), "prompt_only_acc": scorer.acc(a.ctx),
+            "queries": meter.queries, "vendor_calls": meter.vendor_calls, "wall_s": res.wall_time_s,
+            "vendor_s": res.vendor_time_s, "curve": points, "reading": a.prompt_reading}
+
+
+def mean_std(xs: list[float]) -> dict:
+    """Mean and sample std in percent."""
+    return {"mean": 100 * statistics.mean(xs), "std": 100 * statistics.stdev(xs) if len(xs) > 1 else 0.0,
+            "runs": [100 * x for x in xs]}
+
+
+def main() -> None:
+    """Run everything, print the tables, write JSON and the plot."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--shots-sweep", type=int, nargs="*", default=[1, 2, 4, 8])
+    args = ap.parse_args()
+    t0 = time.time()
+    backend = OpenClipBackend(f"local-dir:{REFERENCE_VENDOR_DIR}", device="cpu")
+    scorer = TestScorer(backend)
+    rows: dict[str, list[float]] = {"zero-shot": [], **{k: [] for k in VARIANTS},
+                                    "white-box CoOp": [], "white-box linear probe": []}
+    extra: dict[str, list] = {"CraFT prompt part": [], "timing": [], "curves": {}, "readings": []}
+    zs = scorer.acc(None)
+    test_emb = scorer.box._images_embedded()
+    for seed in args.seeds:
+        rows["zero-shot"].append(zs)
+        for name, over in VARIANTS.items():
+            r = run_fit(backend, scorer, 16, seed, curve=name in ("CraFT", "prompt only"), **over)
+            rows[name].append(r["acc"])
+            print(f"seed {seed} {name}: {100 * r['acc']:.2f}% ({r['queries']} queries, {r['wall_s']:.1f}s)", flush=True)
+            if name == "CraFT":
+                extra["CraFT prompt part"].append(r["prompt_only_acc"])
+                extra["timing"].append({"wall_s": r["wall_s"], "vendor_s": r["vendor_s"]})
+                extra["readings"].append(r["reading"])
+            if r["curve"]:
+                extra["curves"].setdefault(name, []).append(r["curve"])
+        train, _ = reference_task(16, seed)
+        emb = backend.embed_images(train.images)
+        rows["white-box CoOp"].append(coop(backend, train.images, train.labels, test_emb, scorer.y, train.class_names,
+                                           seed=seed))
+        rows["white-box linear probe"].append(linear_probe(emb, train.labels, test_emb, scorer.y, 10, seed=seed))
+    sweep = {}
+    for shots in args.shots_sweep:
+        accs = [run_fit(backend, scorer, shots, seed)["acc"] for seed in args.seeds]
+        sweep[str(shots)] = mean_std(accs)
+        print(f"{shots} shots CraFT: {sweep[str(shots)]['mean']:.2f} ± {sweep[str(shots)]['std']:.2f}", flush=True)
+
+    table = {k: mean_std(v) for k, v in rows.items()}
+    table["CraFT (its prompt alone)"] = mean_std(extra["CraFT prompt part"])
+    vendor_share = [t["vendor_s"] / t["wall_s"] for t in extra["timing"]]
+    timing = {"median_wall_s": statistics.median(t["wall_s"] for t in extra["timing"]),
+              "median_vendor_share": statistics.median(vendor_share),
+              "median_other_share": 1 - statistics.median(vendor_share)}
+    print("\n| method (16 shots, budget 8000, seeds " + ",".join(map(str, args.seeds)) + ") | accuracy % |")
+    print("|---|---|")
+    for k, v in table.items():
+        print(f"| {k} | {v['mean']:.2f} ± {v['std']:.2f} |")
+    print("\n| shots | CraFT accuracy % |\n|---|---|")
+    print(f"| 16 | {table['CraFT']['mean']:.2f} ± {table['CraFT']['std']:.2f} |")
+    for s, v in sweep.items():
+        print(f"| {s} | {v['mean']:.2f} ± {v['std']:.2f} |")
+    print(f"\nCraFT fit wall time (median): {timing['median_wall_s']:.1f}s; backend calls "
+          f"{100 * timing['median_vendor_share']:.1f}%, everything else {100 * timing['median_other_share']:.1f}%")
+    RESULTS.mkdir(exist_ok=True)
+    out = {"table_16_shot": table, "shots_sweep": sweep, "timing": timing, "timing_runs": extra["timing"],
+           "learned_context_readings": extra["readings"], "curves": extra["curves"], "seeds": args.seeds,
+           "command": "python benchmarks/accuracy.py", "total_s": time.time() - t0}
+    (RESULTS / "accuracy.json").write_text(json.dumps(out, indent=1) + "\n")
+    plot(extra["curves"], zs, RESULTS / "accuracy_vs_queries.png")
+    print(f"wrote {RESULTS / 'accuracy.json'} in {time.time() - t0:.0f}s")
+
+
+def plot(curves: dict, zs: float, path: Path) -> None:
+    """Mean test accuracy against queries spent, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, runs in curves.items():
+        n = min(len(r) for r in runs)
+        q = [runs[0][i][0] for i in range(n)]
+        acc = [100 * statistics.mean(r[i][1] for r in runs) for i in range(n)]
+        ax.plot(q, acc, label=name)
+    ax.axhline(100 * zs, color="grey", linestyle="--", label="zero-shot")
+    ax.set_xlabel("queries spent")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Reference task, 16 shots (mean of seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
