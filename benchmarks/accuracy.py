@@ -66,10 +66,12 @@ def run_fit(backend, scorer: TestScorer, shots: int, seed: int, curve: bool = Fa
     points = []
 
     def on_gen(s: FitState) -> None:
-        if curve and (s.generation % 10 == 0 or s.generation == 1):
+        def refine(x: np.ndarray) -> np.ndarray:
             with torch.no_grad():
-                ref = (lambda x: s.refiner(torch.from_numpy(x)).numpy())
-                points.append((s.queries, scorer.acc(s.ctx, ref)))
+                return s.refiner(torch.from_numpy(x)).numpy()
+
+        if curve and (s.generation % 10 == 0 or s.generation == 1):
+            points.append((s.queries, scorer.acc(s.ctx, refine)))
 
     res = fit(box, hold, train.labels[tr], train.labels[ho] if hold else None, cfg, on_generation=on_gen)
     a = res.adapter
