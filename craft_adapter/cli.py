@@ -110,13 +110,9 @@ def inspect_cmd(
 
 
 def _register() -> None:
-    from . import cli_fit
+    from . import cli_fit, cli_ship
 
     cli_fit.register(app)
-    try:
-        from . import cli_ship
-    except ImportError:  # pragma: no cover - shipped with the export/serve issue
-        return
     cli_ship.register(app)
 
 

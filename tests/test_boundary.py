@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import random_images
 
 from craft_adapter.boundary import BlackBox, BudgetExhausted, Capabilities, QueryMeter
-from tests.conftest import random_images
 
 
 class CountingEmbeddingVendor:

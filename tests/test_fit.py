@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import random_images
 
 from craft_adapter.artifact import Adapter
 from craft_adapter.backends.open_clip_backend import OpenClipBackend
 from craft_adapter.boundary import BlackBox, BudgetExhausted, QueryMeter
 from craft_adapter.config import FitConfig, default_budget
 from craft_adapter.fit import fit, plan_rounds
-from tests.conftest import random_images
 
 CLASSES = ["coat", "bag", "sandal"]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import random_images
 
 from craft_adapter.backends.open_clip_backend import BackendError, OpenClipBackend, encode_text_embeddings
-from tests.conftest import random_images
 
 
 @pytest.fixture(scope="module")

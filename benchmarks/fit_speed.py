@@ -1,0 +1,78 @@
+"""Fit speed on the reference task: a 16-shot, 8000-query CraFT fit, repeated, with the wall time split
+between backend calls and everything else (CMA-ES, refiner, bookkeeping). Quotes medians.
+
+    .venv/bin/python benchmarks/fit_speed.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import craft_adapter  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+from craft_adapter.backends.open_clip_backend import OpenClipBackend
+from craft_adapter.boundary import BlackBox, QueryMeter
+from craft_adapter.config import FitConfig
+from craft_adapter.data import split_holdout
+from craft_adapter.fit import fit
+from craft_adapter.prompt import SoftPromptSearch
+from craft_adapter.reference import REFERENCE_VENDOR_DIR, reference_task
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timed_cma() -> dict[str, float]:
+    """Wrap the CMA-ES calls to time them separately."""
+    spent = {"cma": 0.0}
+    for name in ("ask", "tell"):
+        original = getattr(SoftPromptSearch, name)
+
+        def wrapper(self, *a, _f=original, **k):
+            t = time.perf_counter()
+            try:
+                return _f(self, *a, **k)
+            finally:
+                spent["cma"] += time.perf_counter() - t
+
+        setattr(SoftPromptSearch, name, wrapper)
+    return spent
+
+
+def main() -> None:
+    """Run the fits and print the split."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    backend = OpenClipBackend(f"local-dir:{REFERENCE_VENDOR_DIR}", device="cpu")
+    cfg = FitConfig(shots=16, seed=args.seed, budget=8000)
+    train, _ = reference_task(16, args.seed)
+    tr, ho = split_holdout(train.labels, cfg.n_holdout, args.seed)
+    spent = timed_cma()
+    runs = []
+    for _ in range(args.repeats):
+        spent["cma"] = 0.0
+        meter = QueryMeter(cfg.query_budget)
+        box = BlackBox(backend, [train.images[i] for i in tr], train.class_names, meter)
+        hold = BlackBox(backend, [train.images[i] for i in ho], train.class_names, meter)
+        res = fit(box, hold, train.labels[tr], train.labels[ho], cfg)
+        runs.append({"wall_s": res.wall_time_s, "backend_s": res.vendor_time_s, "cma_s": spent["cma"],
+                     "queries": meter.queries})
+        print(f"fit: {res.wall_time_s:.1f}s wall, backend {res.vendor_time_s:.1f}s, CMA-ES {spent['cma']:.1f}s",
+              flush=True)
+    med = {k: statistics.median(r[k] for r in runs) for k in ("wall_s", "backend_s", "cma_s")}
+    other = med["wall_s"] - med["backend_s"]
+    print(f"median of {args.repeats}: wall {med['wall_s']:.1f}s; backend calls {med['backend_s']:.1f}s "
+          f"({100 * med['backend_s'] / med['wall_s']:.1f}%); everything else {other:.1f}s "
+          f"({100 * other / med['wall_s']:.1f}%), of which CMA-ES ask/tell {med['cma_s']:.1f}s "
+          f"({100 * med['cma_s'] / med['wall_s']:.1f}%)")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "fit_speed.json").write_text(json.dumps({"runs": runs, "median": med,
+                                                        "command": "python benchmarks/fit_speed.py"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

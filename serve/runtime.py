@@ -1,0 +1,98 @@
+"""The deployable runtime: vendor call with the learned prompt -> refiner on onnxruntime -> labels.
+
+Per request: the vendor scores the images against the adapter's learned prompt (one prompt per class); the
+scores are checked (shape, finiteness) and preprocessed exactly as in fit (``refiner_input``); the refiner
+and its softmax run in one onnxruntime call; the argmax gives the label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .shipped import ShippedAdapter
+from .vendors import bind_vendor, check_scores
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's prediction."""
+
+    label: str
+    probability: float  # of ``label``
+    probabilities: dict[str, float]  # every class
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """A batch's predictions; row ``i`` belongs to image ``i``."""
+
+    class_names: list[str]
+    probabilities: np.ndarray  # [n, c], refined
+    refined_logits: np.ndarray  # [n, c]
+
+    @property
+    def indices(self) -> np.ndarray:
+        """Predicted class index per image ``[n]``."""
+        return self.probabilities.argmax(axis=1)
+
+    @property
+    def labels(self) -> list[str]:
+        """Predicted class name per image."""
+        return [self.class_names[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.probabilities)
+
+    def __getitem__(self, i: int) -> Prediction:
+        row = self.probabilities[i]
+        k = int(row.argmax())
+        return Prediction(self.class_names[k], float(row[k]), dict(zip(self.class_names, row.tolist(), strict=True)))
+
+
+class AdapterRuntime:
+    """A shipped adapter in front of a vendor. ``vendor`` is anything :func:`bind_vendor` accepts."""
+
+    def __init__(self, adapter: ShippedAdapter, vendor: Any) -> None:
+        self.adapter = adapter
+        self._vendor_scores = bind_vendor(vendor, adapter)
+
+    @classmethod
+    def load(cls, path: str | Path, vendor: Any, device: str = "auto") -> AdapterRuntime:
+        """Load ``path`` (``.safetensors`` or ``.onnx``) and put it in front of ``vendor``."""
+        return cls(ShippedAdapter.load(path, device), vendor)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The adapter's classes, in score order."""
+        return self.adapter.class_names
+
+    def vendor_scores(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """The vendor's raw scores ``[n, c]`` for ``images`` under the learned prompt, checked."""
+        return check_scores(self._vendor_scores(images), len(images), self.adapter.n_classes)
+
+    def predict_scores(self, scores: np.ndarray) -> Predictions:
+        """Predictions from vendor scores ``[n, c]`` already in hand: the runtime's own work per request."""
+        return self._refined(check_scores(scores, len(scores), self.adapter.n_classes))
+
+    def predict(self, images: Sequence[Image.Image]) -> Predictions:
+        """Predictions for a batch of images (vendor call, then refinement)."""
+        return self._refined(self.vendor_scores(images))
+
+    def _refined(self, scores: np.ndarray) -> Predictions:
+        refined, probs = self.adapter.refine(scores)
+        return Predictions(self.adapter.class_names, probs, refined)
+
+    def predict_one(self, image: Image.Image) -> Prediction:
+        """The prediction for one image."""
+        return self.predict([image])[0]
+
+
+def load_runtime(path: str | Path, vendor: Any, device: str = "auto") -> AdapterRuntime:
+    """Load a shipped adapter (``.safetensors`` or ``.onnx``) and put it in front of ``vendor``."""
+    return AdapterRuntime.load(path, vendor, device)
