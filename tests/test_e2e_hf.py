@@ -76,9 +76,9 @@ RUNTIME_SCRIPT = textwrap.dedent("""
     batch = runtime.predict(images[:-1])
     one = runtime.predict_one(images[-1])
     assert "torch" not in sys.modules and "open_clip" not in sys.modules
+    last = [one.probabilities[c] for c in runtime.class_names]
     json.dump({"labels": batch.labels + [one.label],
-               "probabilities": [p.tolist() for p in batch.probabilities] + [[one.probabilities[c] for c in runtime.class_names]]},
-              open(out, "w"))
+               "probabilities": [p.tolist() for p in batch.probabilities] + [last]}, open(out, "w"))
 """)
 
 
