@@ -71,7 +71,7 @@ def run_fit(backend, scorer: TestScorer, shots: int, seed: int, curve: bool = Fa
                 return s.refiner(torch.from_numpy(x)).numpy()
 
         if curve and (s.generation % 10 == 0 or s.generation == 1):
-            points.append((s.queries, scorer.acc(s.ctx, refine)))
+            points.append((s.queries, scorer.acc(s.prompt, refine)))
 
     res = fit(box, hold, train.labels[tr], train.labels[ho] if hold else None, cfg, on_generation=on_gen)
     a = res.adapter

@@ -11,10 +11,13 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from .dispatch import PairScorer
 
 BudgetUnit = Literal["queries", "vendor_calls"]
 
@@ -150,9 +153,12 @@ class BlackBox:
     _images: Sequence[Image.Image] = field(repr=False)
     class_names: list[str]
     meter: QueryMeter = field(default_factory=QueryMeter)
+    concurrency: int = 1  # scoring vendors: calls in flight
+    rate_limit: float | None = None  # scoring vendors: calls per second
 
     def __post_init__(self) -> None:
         self._image_emb: np.ndarray | None = None
+        self._scorer: PairScorer | None = None
         if not isinstance(self._backend, (EmbeddingBackend, ScoringBackend)):
             raise TypeError(f"{type(self._backend).__name__} is neither an embedding nor a scoring backend")
 
@@ -196,28 +202,38 @@ class BlackBox:
         img = self._images_embedded()
         return self._backend.logit_scale * np.einsum("nd,pcd->pnc", img, text_emb, optimize=True)
 
-    def logits_text(self, templates: Sequence[str]) -> np.ndarray:
-        """Scores ``[p, n, c]`` of each template (with ``{}`` for the class name) on every image."""
-        texts = [fill(t, c) for t in templates for c in self.class_names]
+    def logits_text(self, templates: Sequence[str], rows: Sequence[int] | None = None) -> np.ndarray:
+        """Scores ``[p, m, c]`` of each template (``{}`` marks the class name) on image ``rows`` (default all)."""
+        rows = range(len(self._images)) if rows is None else rows
         if self.capabilities.style == "scoring":
-            return self._score_all(templates)
+            return self._pairs().scores(templates, rows)
+        texts = [fill(t, c) for t in templates for c in self.class_names]
         self._images_embedded()
         self.meter.charge(queries=len(templates), vendor_calls=1)
         with self._vendor():
             emb = self._backend.embed_texts(texts).reshape(len(templates), len(self.class_names), -1)
-        return self._cosine_logits(emb)
+        return self._cosine_logits(emb)[:, list(rows)]
 
-    def _score_all(self, templates: Sequence[str]) -> np.ndarray:
-        n = len(self._images)
-        out = np.empty((len(templates), n, len(self.class_names)), np.float32)
-        for p, t in enumerate(templates):
-            self.meter.check(queries=1, vendor_calls=n)
-            for i, im in enumerate(self._images):
-                self.meter.charge(vendor_calls=1, images=1)
-                with self._vendor():
-                    out[p, i] = self._backend.score(im, self.class_names, t)
-            self.meter.queries += 1
-        return out
+    def text_cost(self, templates: Sequence[str], rows: Sequence[int] | None = None) -> int:
+        """What :meth:`logits_text` would cost now, in the meter's unit (answers already paid are free)."""
+        rows = range(len(self._images)) if rows is None else rows
+        if self.capabilities.style == "scoring":
+            calls = len(self._pairs().missing(templates, rows))
+            return calls if self.meter.unit == "vendor_calls" else len(templates)
+        return len(templates) if self.meter.unit == "queries" else 1 + (self._image_emb is None)
+
+    def paid_rows(self, template: str) -> list[int]:
+        """Scoring vendors: the image rows already paid for with ``template`` (scoring them again is free)."""
+        cache = self._pairs().cache
+        return [i for i in range(len(self._images)) if (i, template) in cache]
+
+    def _pairs(self) -> PairScorer:
+        if self._scorer is None:
+            from .dispatch import PairScorer
+
+            self._scorer = PairScorer(self._backend, self._images, self.class_names, self.meter,
+                                      self.concurrency, self.rate_limit)
+        return self._scorer
 
     def soft_prompt_init(self, text: str = "a photo of a") -> np.ndarray:
         """The backend's token embeddings ``[n_ctx, width]`` of ``text``; needs soft-prompt support."""

@@ -122,3 +122,7 @@ _register()
 def main() -> None:
     """Console entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

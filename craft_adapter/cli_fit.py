@@ -30,7 +30,16 @@ from .config import FitConfig
 HP = "Hyperparameters"
 
 
-def run_fit(cfg: FitConfig, backend, data: Path | None, output: Path):
+def load_vendor(url: str):
+    """A remote Hugging Face zero-shot endpoint as a (string-only) fit backend."""
+    from .serve import HttpZeroShotVendor
+
+    if not url.startswith(("http://", "https://")):
+        raise fail(f"--vendor must be an http(s) URL, got {url!r}")
+    return HttpZeroShotVendor(url)
+
+
+def run_fit(cfg: FitConfig, backend, data: Path | None, output: Path, price_per_1k: float | None = None):
     """Sample the few-shot set, fit with a live progress bar, save the adapter and its fit log."""
     from .boundary import BlackBox, BudgetExhausted, QueryMeter
     from .data import split_holdout
@@ -38,23 +47,29 @@ def run_fit(cfg: FitConfig, backend, data: Path | None, output: Path):
 
     train = load_train_set(data, cfg.shots, cfg.seed)
     tr, ho = split_holdout(train.labels, cfg.n_holdout, cfg.seed)
-    meter = QueryMeter(cfg.query_budget, "queries")
-    box = BlackBox(backend, [train.images[i] for i in tr], train.class_names, meter)
-    hold = BlackBox(backend, [train.images[i] for i in ho], train.class_names, meter) if len(ho) else None
-    columns = [TextColumn("[bold]fit"), BarColumn(), MofNCompleteColumn(), TextColumn("queries"),
+    meter = QueryMeter(cfg.query_budget, cfg.budget_unit)
+    kw = {"concurrency": cfg.concurrency, "rate_limit": cfg.rate_limit}
+    box = BlackBox(backend, [train.images[i] for i in tr], train.class_names, meter, **kw)
+    hold = BlackBox(backend, [train.images[i] for i in ho], train.class_names, meter, **kw) if len(ho) else None
+    unit = "queries" if cfg.budget_unit == "queries" else "vendor calls"
+    columns = [TextColumn("[bold]fit"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
     with Progress(*columns, console=err, transient=False) as progress:
         task = progress.add_task("fit", total=cfg.query_budget, info="")
 
         def show(s) -> None:
             held = "" if s.holdout_acc is None else f" held-out {100 * s.holdout_acc:.1f}%"
-            progress.update(task, completed=s.queries,
-                            info=f"fitness {s.best_fitness:.3f} train acc {100 * s.train_acc:.1f}%{held}")
+            price = "" if price_per_1k is None else f" ~${s.vendor_calls / 1000 * price_per_1k:.2f}"
+            progress.update(task, completed=meter.used, info=f"fitness {s.best_fitness:.3f} train acc "
+                            f"{100 * s.train_acc:.1f}%{held} {s.vendor_calls} calls{price}")
 
         try:
             result = fit(box, hold, train.labels[tr], train.labels[ho] if hold else None, cfg, on_generation=show)
         except (BudgetExhausted, ValueError, NotImplementedError, TypeError) as e:
             raise fail(str(e)) from None
+    if price_per_1k is not None:
+        result.adapter.fit["estimated_price"] = round(meter.vendor_calls / 1000 * price_per_1k, 4)
+        result.adapter.fit["price_per_1k_calls"] = price_per_1k
     result.adapter.save(output)
     log = {"wall_time_s": round(result.wall_time_s, 3), "vendor_time_s": round(result.vendor_time_s, 3),
            "meter": meter.summary(), "history": result.history}
@@ -65,6 +80,8 @@ def run_fit(cfg: FitConfig, backend, data: Path | None, output: Path):
 def _config_from(ctx: click.Context, config: Path | None, values: dict) -> FitConfig:
     """Defaults, then the config file, then options given on the command line."""
     names = {f.name for f in fields(FitConfig)}
+    if values.get("prompt") not in ("soft", "text"):
+        raise fail(f"--prompt must be auto, soft or text, got {values.get('prompt')!r}")
     given = {k: v for k, v in values.items()
              if k in names and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
     try:
@@ -87,6 +104,11 @@ def register(app: typer.Typer) -> None:
         model: ModelOpt = DEFAULT_MODEL,
         weights: WeightsOpt = None,
         device: DeviceOpt = "auto",
+        vendor: Annotated[str | None, typer.Option(
+            help="URL of a Hugging Face zero-shot-image-classification endpoint to fit against, instead of an "
+            "in-process model (string-only: text mode).")] = None,
+        price_per_1k: Annotated[float | None, typer.Option(help="Price per 1,000 vendor calls, for the estimate.")]
+        = None,
         config: Annotated[Path | None, typer.Option(help="JSON or TOML file of hyperparameters; "
                                                     "options given here override it.")] = None,
         overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
@@ -95,7 +117,8 @@ def register(app: typer.Typer) -> None:
                                           rich_help_panel=HP)] = 1,
         budget: Annotated[int | None, typer.Option(
             help="Query budget; default by shots: 8000 (8/16), 4000 (2/4), 2000 (1).", rich_help_panel=HP)] = None,
-        prompt: Annotated[str, typer.Option(help="soft (context vectors) or text.", rich_help_panel=HP)] = "soft",
+        prompt: Annotated[str, typer.Option(help="soft (context vectors), text (template string), or auto: soft "
+                                            "when the backend accepts context vectors.", rich_help_panel=HP)] = "auto",
         init_prompt: Annotated[str, typer.Option(help="p0: the words the context starts from.",
                                                  rich_help_panel=HP)] = "a photo of a",
         intrinsic_dim: Annotated[int, typer.Option(help="CMA-ES search dimension.", rich_help_panel=HP)] = 512,
@@ -123,19 +146,38 @@ def register(app: typer.Typer) -> None:
             rich_help_panel=HP)] = None,
         eval_every: Annotated[int, typer.Option(help="Generations between hold-out checks (1 query each).",
                                                 rich_help_panel=HP)] = 10,
+        vocab_size: Annotated[int, typer.Option(help="Text mode: words to edit with (most frequent first).",
+                                                rich_help_panel=HP)] = 4000,
+        text_children: Annotated[int, typer.Option(help="Text mode: new templates per generation.",
+                                                   rich_help_panel=HP)] = 16,
+        text_elites: Annotated[int, typer.Option(help="Text mode: templates kept per generation.",
+                                                 rich_help_panel=HP)] = 4,
+        minibatch_start: Annotated[int, typer.Option(help="Text mode: images per class per generation, at first.",
+                                                     rich_help_panel=HP)] = 1,
+        minibatch_end: Annotated[int, typer.Option(help="Text mode: ... growing linearly to this.",
+                                                   rich_help_panel=HP)] = 2,
+        concurrency: Annotated[int, typer.Option(help="Scoring vendors: calls in flight (results do not depend "
+                                                 "on it).", rich_help_panel=HP)] = 8,
+        rate_limit: Annotated[float | None, typer.Option(help="Scoring vendors: at most this many calls per second.",
+                                                         rich_help_panel=HP)] = None,
     ) -> None:
         """Learn an adapter (prompt + refiner) for a few-shot image folder against a black-box backend."""
-        cfg = _config_from(ctx, config, dict(ctx.params))
         if output.exists() and not overwrite:
             raise fail(f"{output} exists; pass --overwrite to replace it or -o to write elsewhere")
         if not output.parent.is_dir():
             raise fail(f"output folder {output.parent} does not exist")
-        backend = load_backend(model, weights, device)
-        result = run_fit(cfg, backend, data, output)
+        _config_from(ctx, config, {**ctx.params, "prompt": "soft" if prompt == "auto" else prompt})  # fail early
+        backend = load_vendor(vendor) if vendor else load_backend(model, weights, device)
+        if prompt == "auto":
+            prompt = "soft" if backend.capabilities.soft_prompts else "text"
+        cfg = _config_from(ctx, config, {**ctx.params, "prompt": prompt})
+        result = run_fit(cfg, backend, data, output, price_per_1k)
         f = result.adapter.fit
         held = "n/a" if f["holdout_acc"] is None else f"{100 * f['holdout_acc']:.1f}%"
-        out.print(f"wrote [bold]{output}[/] ({output.stat().st_size} bytes): {f['queries']}/{f['budget']} queries, "
-                  f"{f['vendor_calls']} vendor calls, held-out accuracy {held}, {result.wall_time_s:.1f}s")
+        price = f", about ${f['estimated_price']:.2f}" if "estimated_price" in f else ""
+        out.print(f"wrote [bold]{output}[/] ({output.stat().st_size} bytes): {f['queries']} queries, "
+                  f"{f['vendor_calls']} vendor calls{price} (budget {f['budget']} {cfg.budget_unit}), held-out "
+                  f"accuracy {held}, {result.wall_time_s:.1f}s; prompt {result.adapter.template!r}")
 
     @app.command("demo")
     def demo_cmd(

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 DEFAULT_BUDGETS = {1: 2000, 2: 4000, 4: 4000, 8: 8000, 16: 8000}
+TEXT_DEFAULT_BUDGET = 20_000  # vendor calls
+OPERATIONAL = ("concurrency", "rate_limit")  # change how fast a fit runs, never what it finds
 
 
 def default_budget(shots: int) -> int:
@@ -24,7 +26,7 @@ class FitConfig:
 
     shots: int = 16
     seed: int = 1
-    budget: int | None = None  # queries; None means the paper's default for ``shots``
+    budget: int | None = None  # soft: queries (default by shots); text: vendor calls (default 20000)
     prompt: Literal["soft", "text"] = "soft"
     init_prompt: str = "a photo of a"  # soft mode: p0; the template becomes "<init_prompt> {}."
     # prompt generation module (CMA-ES)
@@ -34,6 +36,14 @@ class FitConfig:
     bound: float = 5.0
     proj_std: float = 0.2
     step_scale: Literal["relative", "absolute"] = "relative"  # relative: steps in units of std(p0)
+    # prompt generation module, text mode (word edits)
+    vocab_size: int = 4000
+    text_children: int = 16  # new templates per generation
+    text_elites: int = 4  # templates that survive a generation
+    minibatch_start: int = 1  # images per class in a generation's minibatch, at the start of the budget
+    minibatch_end: int = 2  # ... and at its end
+    concurrency: int = 8  # scoring vendors: calls in flight (the result never depends on it)
+    rate_limit: float | None = None  # scoring vendors: calls per second
     # prediction refinement module
     hidden: int = 256
     lr: float = 1e-3
@@ -61,6 +71,11 @@ class FitConfig:
             (self.holdout_shots is None or 0 <= self.holdout_shots < self.shots,
              "holdout_shots must be between 0 and shots - 1"),
             (self.eval_every >= 1, "eval_every must be positive"),
+            (self.vocab_size >= 10 and min(self.text_elites, self.text_children) >= 1,
+             "vocab_size >= 10, text_elites >= 1 and text_children >= 1 required"),
+            (1 <= self.minibatch_start <= self.minibatch_end, "need 1 <= minibatch_start <= minibatch_end"),
+            (self.concurrency >= 1, "concurrency must be at least 1"),
+            (self.rate_limit is None or self.rate_limit > 0, "rate_limit must be positive"),
             (self.train_prompt or self.train_refiner, "nothing to train: enable the prompt or the refiner"),
             (self.init_prompt.strip() != "", "init_prompt must not be empty"),
         ]
@@ -70,8 +85,15 @@ class FitConfig:
 
     @property
     def query_budget(self) -> int:
-        """The budget in force."""
-        return self.budget if self.budget is not None else default_budget(self.shots)
+        """The budget in force, in :attr:`budget_unit`."""
+        if self.budget is not None:
+            return self.budget
+        return TEXT_DEFAULT_BUDGET if self.prompt == "text" else default_budget(self.shots)
+
+    @property
+    def budget_unit(self) -> str:
+        """Queries in soft mode; vendor calls in text mode, where a string-only vendor bills per call."""
+        return "vendor_calls" if self.prompt == "text" else "queries"
 
     @property
     def n_holdout(self) -> int:
@@ -84,8 +106,8 @@ class FitConfig:
         return f"{self.init_prompt} {{}}."
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict, for the adapter's fit summary."""
-        return asdict(self)
+        """The settings that decide the result, for the adapter's fit summary (how fast calls go does not)."""
+        return {k: v for k, v in asdict(self).items() if k not in OPERATIONAL}
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> FitConfig:

@@ -89,7 +89,7 @@ def test_fit_through_hf_export_and_serve_without_torch(vendor_url, torch_free_py
     cfg = FitConfig(shots=8, seed=1, budget=8000, prompt="text", train_prompt=False)
     train, test = reference_task(cfg.shots, cfg.seed)
     tr, ho = split_holdout(train.labels, cfg.n_holdout, cfg.seed)
-    meter = QueryMeter(cfg.query_budget)
+    meter = QueryMeter(cfg.query_budget, cfg.budget_unit)
     box = BlackBox(backend, [train.images[i] for i in tr], train.class_names, meter)
     hold = BlackBox(backend, [train.images[i] for i in ho], train.class_names, meter)
     adapter = fit(box, hold, train.labels[tr], train.labels[ho], cfg).adapter

@@ -8,9 +8,9 @@ from conftest import random_images
 
 from craft_adapter.artifact import Adapter
 from craft_adapter.backends.open_clip_backend import OpenClipBackend
-from craft_adapter.boundary import BlackBox, BudgetExhausted, QueryMeter
+from craft_adapter.boundary import BlackBox, QueryMeter
 from craft_adapter.config import FitConfig, default_budget
-from craft_adapter.fit import fit, plan_rounds
+from craft_adapter.fit import fit
 
 CLASSES = ["coat", "bag", "sandal"]
 
@@ -33,15 +33,27 @@ def run(backend, budget=130, seed=0, n_holdout=1, **kw):
     return fit(box, hold, labels[tr], labels[ho] if n_holdout else None, cfg), meter, box, labels[tr]
 
 
+def expected_queries(budget: int, popsize: int, every: int) -> tuple[int, int]:
+    """The accounting rule: a generation starts only if it, a due check, and the final check still fit."""
+    used = gens = 0
+    due = False
+    while True:
+        due = (gens + 1) % every == 0
+        if popsize + (1 + due) > budget - used:
+            break
+        used, gens = used + popsize + due, gens + 1
+    last_checked = gens % every == 0
+    return used + (0 if last_checked else 1), gens
+
+
 def test_budget_is_never_exceeded_and_count_is_exact(backend):
     res, meter, _, _ = run(backend, budget=130)
-    rounds = plan_rounds(FitConfig(shots=4, budget=130, popsize=8, intrinsic_dim=16, eval_every=3,
-                                   holdout_shots=1), True)
-    checks = -(-rounds // 3)
-    assert meter.queries == rounds * 8 + checks <= 130
+    queries, gens = expected_queries(130, 8, 3)
+    assert meter.queries == queries <= 130
     assert res.adapter.fit["queries"] == meter.queries
-    assert len(res.history) == rounds
-    assert meter.vendor_calls == rounds + checks + 2  # one text call per generation and check, images once per set
+    assert len(res.history) == gens
+    checks = -(-gens // 3)
+    assert meter.vendor_calls == gens + checks + 2  # one text call per generation and check, images once per set
 
 
 def test_budget_too_small_is_a_clear_error(backend):
@@ -86,14 +98,14 @@ def test_meter_budget_must_match_the_config(backend):
         fit(box, None, np.arange(3), None, cfg)
 
 
-def test_meter_refuses_overspend_mid_fit(backend):
+def test_a_generation_that_would_overspend_is_never_started(backend):
     cfg = FitConfig(shots=4, budget=100, popsize=8, intrinsic_dim=16, holdout_shots=0)
     meter = QueryMeter(budget=100)
     meter.queries = 95  # someone else already spent most of it
     box = BlackBox(backend, random_images(3), CLASSES, meter)
-    with pytest.raises(BudgetExhausted):
+    with pytest.raises(ValueError, match="too small for one generation"):
         fit(box, None, np.arange(3), None, cfg)
-    assert meter.queries == 95
+    assert meter.queries == 95 and meter.vendor_calls == 0
 
 
 def test_default_budgets_follow_the_paper():

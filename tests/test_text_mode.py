@@ -1,0 +1,143 @@
+"""Text mode against a string-only (scoring) vendor: pair cache, budget under concurrency, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from craft_adapter.artifact import Adapter
+from craft_adapter.boundary import BlackBox, BudgetExhausted, Capabilities, QueryMeter, fill
+from craft_adapter.config import FitConfig
+from craft_adapter.dispatch import RateLimiter
+from craft_adapter.fit import fit
+from craft_adapter.prompt_text import TextPromptSearch, to_template, to_words, word_vocabulary
+
+# isort: split
+from craft_adapter.serve import CallableVendor, load_runtime
+
+CLASSES = ["coat", "bag", "sandal"]
+
+
+class HashVendor:
+    """A string-only vendor: probabilities from a hash of (image, template), favouring the true class a little
+    more when the template contains 'white'. Records every call; safe under threads."""
+
+    capabilities = Capabilities(style="scoring", returns="probabilities")
+    identity = {"name": "hash-vendor"}
+
+    def __init__(self, delay: float = 0.0):
+        self.calls: list[tuple[bytes, str]] = []
+        self.lock = threading.Lock()
+        self.delay = delay
+
+    def score(self, image, labels, template):
+        if self.delay:
+            time.sleep(self.delay)
+        raw = image.tobytes()
+        seed = int.from_bytes(hashlib.sha256(raw + template.encode()).digest()[:8], "little")
+        logits = np.random.default_rng(seed).normal(size=len(labels))
+        logits[raw[0] % len(labels)] += 1.0 + template.count("white")
+        with self.lock:
+            self.calls.append((raw, template))
+        p = np.exp(logits - logits.max())
+        return (p / p.sum()).astype(np.float32)
+
+
+def images(n=12):
+    return [Image.fromarray(np.full((4, 4), (i % 3) + 3 * i, np.uint8), mode="L") for i in range(n)]
+
+
+def test_no_pair_is_paid_twice():
+    v = HashVendor()
+    box = BlackBox(v, images(6), CLASSES, QueryMeter(budget=100, unit="vendor_calls"), concurrency=4)
+    a = box.logits_text(["a {}.", "b {}."], rows=[0, 1, 2])
+    assert box.meter.vendor_calls == 6
+    b = box.logits_text(["b {}.", "a {}.", "a {}."], rows=[2, 1, 0, 3])
+    assert box.meter.vendor_calls == 8  # only (3, b) and (3, a) were new
+    np.testing.assert_array_equal(a[0], b[1][[2, 1, 0]])
+    assert len(v.calls) == len(set(v.calls)) == 8
+    assert box.paid_rows("a {}.") == [0, 1, 2, 3]
+
+
+def test_budget_holds_under_concurrency():
+    v = HashVendor(delay=0.002)
+    meter = QueryMeter(budget=50, unit="vendor_calls")
+    box = BlackBox(v, images(12), CLASSES, meter, concurrency=16)
+    with pytest.raises(BudgetExhausted):
+        box.logits_text([f"t{i} {{}}." for i in range(5)])  # 60 pairs > 50: refused whole
+    assert meter.vendor_calls == 0 and not v.calls
+    box.logits_text([f"t{i} {{}}." for i in range(4)])  # 48 pairs
+    assert meter.vendor_calls == len(v.calls) == 48
+    assert box.text_cost(["t9 {}."]) == 12
+    with pytest.raises(BudgetExhausted):
+        box.logits_text(["t9 {}."])
+    assert meter.vendor_calls == 48 <= meter.budget
+
+
+def run_fit(concurrency: int, budget: int = 600, seed: int = 0, **kw):
+    cfg = FitConfig(shots=4, seed=seed, prompt="text", budget=budget, holdout_shots=1, eval_every=2,
+                    text_children=6, text_elites=2, vocab_size=200, concurrency=concurrency, **kw)
+    imgs = images(12)
+    labels = np.array([im.tobytes()[0] % 3 for im in imgs])
+    order = np.argsort(labels, kind="stable")
+    imgs, labels = [imgs[i] for i in order], labels[order]
+    ho = np.array([0, 4, 8])
+    tr = np.setdiff1d(np.arange(12), ho)
+    v = HashVendor()
+    meter = QueryMeter(cfg.query_budget, cfg.budget_unit)
+    box = BlackBox(v, [imgs[i] for i in tr], CLASSES, meter, concurrency=concurrency)
+    hold = BlackBox(v, [imgs[i] for i in ho], CLASSES, meter, concurrency=concurrency)
+    return fit(box, hold, labels[tr], labels[ho], cfg), meter, v
+
+
+def test_text_fit_is_deterministic_across_concurrency_and_within_budget():
+    (r1, m1, v1), (r8, m8, v8) = run_fit(1), run_fit(8)
+    assert r1.adapter.to_bytes() == r8.adapter.to_bytes()
+    assert m1.vendor_calls == m8.vendor_calls == len(v1.calls) <= 600
+    assert len(v8.calls) == len(set(v8.calls))  # never the same (image, template) twice
+    assert r1.adapter.mode == "text" and r1.adapter.logit_kind == "probabilities"
+    assert run_fit(1, seed=1)[0].adapter.to_bytes() != r1.adapter.to_bytes()
+
+
+def test_learned_template_round_trips_and_runtime_sends_it_verbatim(tmp_path):
+    adapter = run_fit(4)[0].adapter
+    path = adapter.save(tmp_path / "text.safetensors")
+    loaded = Adapter.load(path)
+    assert loaded.template == adapter.template and "{}" in loaded.template
+    sent = []
+
+    def vendor(imgs, prompts):
+        sent.append(list(prompts))
+        return np.full((len(imgs), len(prompts)), 1 / len(prompts), np.float32)
+
+    runtime = load_runtime(path, CallableVendor(vendor, returns="probabilities"))
+    runtime.predict(images(2))
+    assert sent == [[fill(loaded.template, c) for c in CLASSES]]
+
+
+def test_word_edits_keep_one_slot_and_vocabulary_is_words():
+    vocab = word_vocabulary(600)
+    assert "white" in vocab and len(vocab) == 600 and all(w.isalpha() for w in vocab)
+    search = TextPromptSearch("a photo of a {}.", vocab, children=30, elites=3, seed=0)
+    cands = search.propose()
+    assert cands[0] == "a photo of a {}." and len(set(cands)) == 31
+    for c in cands:
+        assert to_words(c).count("{}") == 1 and to_template(to_words(c)) == c
+    best = search.tell(cands, np.arange(31, dtype=float)[::-1])
+    assert best == 30 and search.elites[0] == cands[30]
+
+
+def test_rate_limiter_spaces_calls():
+    limiter = RateLimiter(200.0)
+    stamps = []
+    for _ in range(6):
+        limiter.acquire()
+        stamps.append(time.monotonic())
+    assert min(np.diff(stamps)) >= 0.9 / 200
+    with pytest.raises(ValueError):
+        RateLimiter(0)
