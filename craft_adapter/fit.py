@@ -76,34 +76,35 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
     def check_cost(cand) -> int:
         return module.cost(holdout, [cand], None) if use_holdout else 0
 
+    def labels(rows) -> torch.Tensor:
+        return torch.from_numpy(y_train if rows is None else y_train[rows])
+
+    # The last hold-out check must stay affordable: every generation leaves its worst case unspent.
+    reserve = holdout.n_images if use_holdout and cfg.budget_unit == "vendor_calls" else int(use_holdout)
     best: tuple[float, object, dict] | None = None
     history: list[dict] = []
     cur, gen, checked = None, 0, True
     while module.max_generations is None or gen < module.max_generations:
         cands = module.propose()
-        rows = module.rows(meter.used, budget)
+        rows = module.rows(meter.used, budget)  # None: every image
         due = use_holdout and (gen + 1) % cfg.eval_every == 0
-        # the last hold-out check must stay affordable: reserve its worst case
-        reserve = holdout.n_images if use_holdout and cfg.budget_unit == "vendor_calls" else int(use_holdout)
         if module.cost(train, cands, rows) + reserve * (1 + due) > meter.remaining:
             break
-        raw = module.score(train, cands, rows)
+        raw = module.score(train, cands, rows)  # [p, m, c]
         x = as_input(raw)
-        y = torch.from_numpy(y_train if rows is None else y_train[rows])
         with torch.no_grad():
             w = cfg.kl_weight if cfg.train_refiner else 0.0
-            fitness = prompt_fitness(x, refiner(x) if cfg.train_refiner else x, y, w)  # [p]
+            fitness = prompt_fitness(x, refiner(x) if cfg.train_refiner else x, labels(rows), w)  # [p]
         b = module.tell(cands, fitness.numpy())
         cur = cands[b]
         ref_rows, ref_raw = module.refiner_data(train, cur, rows, raw[b])
-        cur_x = as_input(ref_raw)
-        y = torch.from_numpy(y_train if ref_rows is None else y_train[ref_rows])
+        cur_x, cur_y = as_input(ref_raw), labels(ref_rows)
         if cfg.train_refiner:
-            train_epoch(refiner, opt, cur_x, y, cfg.kl_weight if meter.used < budget // cfg.kl_decay_n else 0.0,
-                        cfg.refiner_batch, shuffle)
+            w = cfg.kl_weight if meter.used < budget // cfg.kl_decay_n else 0.0
+            train_epoch(refiner, opt, cur_x, cur_y, w, cfg.refiner_batch, shuffle)
         gen += 1
         with torch.no_grad():
-            train_acc = _acc(refiner(cur_x), y)
+            train_acc = _acc(refiner(cur_x), cur_y)
         h_acc, checked = None, due
         if due:
             h_acc, best = _check(holdout, module, cur, refiner, as_input, y_hold, best)
