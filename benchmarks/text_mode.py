@@ -121,9 +121,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--budget", type=int, default=20000)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--schedules", nargs="*", default=None, metavar="START:END",
+                    help="instead: compare minibatch schedules (images per class, start:end) on the first seed")
     args = ap.parse_args()
     t0 = time.time()
     proc, url = start_vendor()
+    if args.schedules:
+        try:
+            schedule_study(url, args)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        return
     try:
         test = TestSet()
         rows: dict[str, list[float]] = {k: [] for k in (
@@ -164,6 +173,21 @@ def main() -> None:
         "details": details, "budget_vendor_calls": args.budget, "seeds": args.seeds,
         "command": "python benchmarks/text_mode.py", "total_s": time.time() - t0}, indent=1) + "\n")
     plot(curve, table, RESULTS / "text_mode_accuracy_vs_calls.png")
+
+
+def schedule_study(url: str, args: argparse.Namespace) -> None:
+    """Text-mode CraFT under several minibatch schedules, same seed and budget."""
+    test, out = TestSet(), {}
+    for sch in args.schedules:
+        start, end = (int(v) for v in sch.split(":"))
+        r = run_fit(url, test, args.seeds[0], args.budget, args.concurrency, minibatch_start=start, minibatch_end=end)
+        out[sch] = {"acc": r["acc"], "template_acc": r["template_acc"], "vendor_calls": r["vendor_calls"],
+                    "curve": r["curve"]}
+        print(f"minibatch {sch}: CraFT {100 * r['acc']:.2f}, its template {100 * r['template_acc']:.2f}", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "text_schedules.json").write_text(json.dumps(
+        {"seed": args.seeds[0], "budget": args.budget, "schedules": out,
+         "command": "python benchmarks/text_mode.py --schedules " + " ".join(args.schedules)}, indent=1) + "\n")
 
 
 def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
