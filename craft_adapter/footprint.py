@@ -186,6 +186,11 @@ def _size(n: float) -> str:
     return f"{n / 2**30:,.2f} GB"
 
 
+def arch_label(arch: str) -> str:
+    """A short name for a table: a ``local-dir:`` model by its folder name, a built-in by its name."""
+    return f"local-dir:{Path(arch[len('local-dir:'):]).name}" if arch.startswith("local-dir:") else arch
+
+
 def footprint_table(rows: list[FootprintRow]) -> Table:
     """A rich table: adapter, white-box and their ratio (as 1/x) for each figure."""
     from rich.table import Table
@@ -196,7 +201,8 @@ def footprint_table(rows: list[FootprintRow]) -> Table:
     for r in rows:
         q = r.ratios()
         for m, name in ((r.adapter, "adapter"), (r.white_box, "white-box")):
-            table.add_row(r.arch if name == "adapter" else "", str(r.n_classes) if name == "adapter" else "", name,
+            first = name == "adapter"
+            table.add_row(arch_label(r.arch) if first else "", str(r.n_classes) if first else "", name,
                           _size(m.param_bytes), _size(m.model_rss), _size(m.model_rss_cold), _size(m.process_rss))
         table.add_row("", "", "[bold]ratio[/]", f"1/{q['param_bytes']:,.0f}", f"1/{q['model_rss']:,.0f}",
                       f"1/{q['model_rss_cold']:,.0f}", f"1/{q['process_rss']:,.1f}", end_section=True)
