@@ -46,6 +46,7 @@ def serve_stub(latency: float) -> None:
         def log_message(self, *args) -> None:
             pass
 
+    ThreadingHTTPServer.request_queue_size = 256  # the default backlog of 5 resets bursts of 32 connections
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     print(f"http://127.0.0.1:{server.server_address[1]}", flush=True)

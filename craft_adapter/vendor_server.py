@@ -182,6 +182,7 @@ class VendorHTTPServer(ThreadingHTTPServer):
     """A threading HTTP server around a :class:`VendorService`; closing it also ends open keep-alive connections."""
 
     daemon_threads = True
+    request_queue_size = 128  # the stdlib default of 5 resets connections when a fit sends bursts of calls
 
     def __init__(self, service: VendorService, host: str = "127.0.0.1", port: int = 0,
                  verbose: bool = False) -> None:
