@@ -153,9 +153,9 @@ def register(app: typer.Typer) -> None:
         text_elites: Annotated[int, typer.Option(help="Text mode: templates kept per generation.",
                                                  rich_help_panel=HP)] = 4,
         minibatch_start: Annotated[int, typer.Option(help="Text mode: images per class per generation, at first.",
-                                                     rich_help_panel=HP)] = 1,
+                                                     rich_help_panel=HP)] = 3,
         minibatch_end: Annotated[int, typer.Option(help="Text mode: ... growing linearly to this.",
-                                                   rich_help_panel=HP)] = 2,
+                                                   rich_help_panel=HP)] = 3,
         concurrency: Annotated[int, typer.Option(help="Scoring vendors: calls in flight (results do not depend "
                                                  "on it).", rich_help_panel=HP)] = 8,
         rate_limit: Annotated[float | None, typer.Option(help="Scoring vendors: at most this many calls per second.",

@@ -40,8 +40,8 @@ class FitConfig:
     vocab_size: int = 4000
     text_children: int = 16  # new templates per generation
     text_elites: int = 4  # templates that survive a generation
-    minibatch_start: int = 1  # images per class in a generation's minibatch, at the start of the budget
-    minibatch_end: int = 2  # ... and at its end
+    minibatch_start: int = 3  # images per class in a generation's minibatch, at the start of the budget
+    minibatch_end: int = 3  # ... and at its end (measured: benchmarks/results/text_schedules.json)
     concurrency: int = 8  # scoring vendors: calls in flight (the result never depends on it)
     rate_limit: float | None = None  # scoring vendors: calls per second
     # prediction refinement module
