@@ -142,3 +142,36 @@ def test_rate_limiter_spaces_calls():
     assert time.monotonic() - t0 >= 10 / 200 - 1e-3
     with pytest.raises(ValueError):
         RateLimiter(0)
+
+
+def test_cli_fit_against_a_vendor_url_is_text_mode_with_price(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from craft_adapter.backends.open_clip_backend import OpenClipBackend
+    from craft_adapter.cli import app
+    from craft_adapter.vendor_server import make_vendor_server, serve_in_thread
+
+    server = make_vendor_server(OpenClipBackend(f"local-dir:{tiny_model_dir}", device="cpu"))
+    thread = serve_in_thread(server)
+    try:
+        data = tmp_path / "shots"
+        for i, im in enumerate(images(12)):
+            d = data / CLASSES[i % 3]
+            d.mkdir(parents=True, exist_ok=True)
+            im.save(d / f"{i}.png")
+        out = tmp_path / "a.safetensors"
+        r = CliRunner().invoke(app, ["fit", "--vendor", server.url, "--data", str(data), "--shots", "4",
+                                     "--budget", "300", "--price-per-1k", "2.5", "--text-children", "4",
+                                     "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        a = Adapter.load(out)
+        assert a.mode == "text" and a.fit["budget_unit"] == "vendor_calls" and a.fit["vendor_calls"] <= 300
+        assert a.fit["estimated_price"] == round(a.fit["vendor_calls"] / 1000 * 2.5, 4)
+        assert "vendor calls" in r.output and "$" in r.output
+        r = CliRunner().invoke(app, ["fit", "--vendor", server.url, "--prompt", "soft", "--data", str(data),
+                                     "--shots", "4", "-o", str(tmp_path / "b.safetensors")])
+        assert r.exit_code == 2 and "only text prompts" in r.output
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
