@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.plots import mean_curve, save_accuracy_plot  # noqa: E402
 from benchmarks.whitebox import coop, linear_probe  # noqa: E402
 from craft_adapter.backends.open_clip_backend import OpenClipBackend  # noqa: E402
 from craft_adapter.boundary import BlackBox, QueryMeter  # noqa: E402
@@ -144,30 +145,9 @@ def main() -> None:
            "learned_context_readings": extra["readings"], "curves": extra["curves"], "seeds": args.seeds,
            "command": "python benchmarks/accuracy.py", "total_s": time.time() - t0}
     (RESULTS / "accuracy.json").write_text(json.dumps(out, indent=1) + "\n")
-    plot(extra["curves"], zs, RESULTS / "accuracy_vs_queries.png")
+    save_accuracy_plot({k: mean_curve(v) for k, v in extra["curves"].items()}, ("zero-shot", zs), "queries spent",
+                       "Reference task, 16 shots (mean of seeds)", RESULTS / "accuracy_vs_queries.png")
     print(f"wrote {RESULTS / 'accuracy.json'} in {time.time() - t0:.0f}s")
-
-
-def plot(curves: dict, zs: float, path: Path) -> None:
-    """Mean test accuracy against queries spent, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, runs in curves.items():
-        n = min(len(r) for r in runs)
-        q = [runs[0][i][0] for i in range(n)]
-        acc = [100 * statistics.mean(r[i][1] for r in runs) for i in range(n)]
-        ax.plot(q, acc, label=name)
-    ax.axhline(100 * zs, color="grey", linestyle="--", label="zero-shot")
-    ax.set_xlabel("queries spent")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Reference task, 16 shots (mean of seeds)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

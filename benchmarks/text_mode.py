@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import craft_adapter  # noqa: E402,F401
+from benchmarks.plots import mean_curve, save_accuracy_plot  # noqa: E402
 from craft_adapter.backends.open_clip_backend import OpenClipBackend  # noqa: E402
 from craft_adapter.boundary import BlackBox, QueryMeter  # noqa: E402
 from craft_adapter.config import FitConfig  # noqa: E402
@@ -172,7 +173,9 @@ def main() -> None:
         "table": table, "soft_mode_craft": soft, "curve_mean": curve, "calls_to_90pct_gain": reach,
         "details": details, "budget_vendor_calls": args.budget, "seeds": args.seeds,
         "command": "python benchmarks/text_mode.py", "total_s": time.time() - t0}, indent=1) + "\n")
-    plot(curve, table, RESULTS / "text_mode_accuracy_vs_calls.png")
+    save_accuracy_plot({"text-mode CraFT": curve}, ("best hand-written", table["best hand-written template"]["mean"]
+                                                    / 100), "vendor calls spent",
+                       "Reference task via HF protocol, 16 shots", RESULTS / "text_mode_accuracy_vs_calls.png")
 
 
 def schedule_study(url: str, args: argparse.Namespace) -> None:
@@ -188,31 +191,6 @@ def schedule_study(url: str, args: argparse.Namespace) -> None:
     (RESULTS / "text_schedules.json").write_text(json.dumps(
         {"seed": args.seeds[0], "budget": args.budget, "schedules": out,
          "command": "python benchmarks/text_mode.py --schedules " + " ".join(args.schedules)}, indent=1) + "\n")
-
-
-def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
-    """Average curves point by point (they share the generation grid; calls are averaged too)."""
-    n = min(len(c) for c in curves)
-    return [(int(statistics.mean(c[i][0] for c in curves)), statistics.mean(c[i][1] for c in curves))
-            for i in range(n)]
-
-
-def plot(curve: list[tuple[int, float]], table: dict, path: Path) -> None:
-    """Test accuracy of text-mode CraFT against vendor calls spent."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([c for c, _ in curve], [100 * a for _, a in curve], label="text-mode CraFT")
-    ax.axhline(table["best hand-written template"]["mean"], color="grey", linestyle="--", label="best hand-written")
-    ax.set_xlabel("vendor calls spent")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Reference task via HF protocol, 16 shots")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
