@@ -1,0 +1,199 @@
+"""What a client may send the adapter server, read and checked: bodies, images, options; typed client errors.
+
+Images come as raw bytes (``Content-Type: image/*`` or ``application/octet-stream``), as multipart file parts,
+or as base64 strings in JSON. Each is opened with PIL and fully decoded before any vendor call: a body that is
+not an image in a supported format is 415, a damaged one 400, one over the byte or pixel limit 413. The
+original bytes are what the vendor receives, so it sees exactly the client's pixels.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+from starlette.types import Message
+
+SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
+RAW_TYPES = frozenset({"application/octet-stream", ""})
+TRUE = frozenset({"1", "true", "yes", "on"})
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP ``status``, a stable ``type`` and a message that says how to fix it."""
+
+    def __init__(self, status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.type, self.message, self.headers = status, type_, message, headers or {}
+
+
+def media_type(request: Request) -> str:
+    """The request's media type, lower case, without parameters."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refusing (413) past ``max_bytes`` without reading further."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, "body_too_large", f"the body is {declared} bytes; the limit is {max_bytes}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(413, "body_too_large", f"the body is over the {max_bytes}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def checked_image(data: bytes, max_pixels: int) -> bytes:
+    """``data`` itself once PIL has decoded it fully as a supported image within ``max_pixels``; else ApiError."""
+    if not data:
+        raise ApiError(400, "bad_image", "the image is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format not in SUPPORTED_FORMATS:
+                raise ApiError(415, "unsupported_image", f"{im.format} images are not accepted; send one of "
+                               f"{', '.join(sorted(SUPPORTED_FORMATS))}")
+            width, height = im.size
+            if width * height > max_pixels:
+                raise ApiError(413, "image_too_large", f"the image is {width}x{height} pixels; the limit is "
+                               f"{max_pixels} pixels")
+            im.load()
+    except UnidentifiedImageError:
+        raise ApiError(415, "unsupported_image", "the body is not an image in a supported format ("
+                       f"{', '.join(sorted(SUPPORTED_FORMATS))})") from None
+    except Image.DecompressionBombError:
+        raise ApiError(413, "image_too_large", "the image decompresses past the pixel limit") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ApiError(400, "bad_image", f"the image is damaged or truncated ({type(e).__name__})") from None
+    return data
+
+
+def from_base64(value: Any, what: str) -> bytes:
+    """Bytes from a base64 string (optionally a ``data:`` URI); 400 otherwise."""
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, "bad_request", f"{what} must be a non-empty base64 string")
+    if value.startswith("data:"):
+        value = value.split(",", 1)[-1]
+    try:
+        return base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "bad_base64", f"{what} is not valid base64") from None
+
+
+def json_body(body: bytes) -> Any:
+    """The parsed JSON body; 400 if it is not JSON."""
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "bad_json", "the body is not valid JSON") from None
+
+
+async def multipart_files(request: Request, body: bytes, max_files: int) -> list[bytes]:
+    """The file parts of a multipart body already read, in order; 400 if malformed, 413 past ``max_files``."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    replay = Request(request.scope, receive)
+    try:
+        form = await replay.form(max_files=max_files, max_fields=100)
+    except (MultiPartException, HTTPException) as e:  # Starlette wraps the parser's error when run in an app
+        detail = str(getattr(e, "detail", e))
+        status = 413 if "Too many files" in detail else 400
+        raise ApiError(status, "bad_multipart", f"cannot read the multipart body: {detail}") from None
+    try:
+        return [await v.read() for _, v in form.multi_items() if not isinstance(v, str)]
+    finally:
+        await form.close()
+
+
+async def request_images(request: Request, max_bytes: int, max_batch: int, batch: bool) -> list[bytes]:
+    """The undecoded image bytes of a classify request: raw body, multipart file parts or base64 JSON."""
+    kind = media_type(request)
+    body = await read_body(request, max_bytes)
+    if kind == "application/json":
+        doc = json_body(body)
+        key = "images" if batch else "image"
+        value = doc.get(key) if isinstance(doc, dict) else None
+        if batch:
+            if not isinstance(value, list) or not value:
+                raise ApiError(400, "bad_request", 'a JSON batch is {"images": [<base64>, ...]}')
+            _check_count(len(value), max_batch)
+            return [from_base64(v, f"images[{i}]") for i, v in enumerate(value)]
+        if value is None:
+            raise ApiError(400, "bad_request", 'a JSON request is {"image": <base64>}; for several use the batch '
+                           "endpoint")
+        return [from_base64(value, "image")]
+    if kind == "multipart/form-data":
+        files = await multipart_files(request, body, max_batch)
+        if not files:
+            raise ApiError(400, "bad_request", "the multipart body has no file part")
+        if not batch and len(files) > 1:
+            raise ApiError(400, "bad_request", f"{len(files)} file parts sent for one image; use the batch endpoint")
+        return files
+    if kind.startswith("image/") or kind in RAW_TYPES:
+        if batch:
+            raise ApiError(415, "unsupported_media_type", "a batch is sent as multipart/form-data (one file part "
+                           'per image) or JSON {"images": [...]}')
+        return [body]
+    raise ApiError(415, "unsupported_media_type", f"cannot read a {kind} body; send image bytes (image/* or "
+                   "application/octet-stream), multipart/form-data, or application/json")
+
+
+def _check_count(n: int, max_batch: int) -> None:
+    if n > max_batch:
+        raise ApiError(413, "batch_too_large", f"{n} images in one request; the limit is {max_batch}")
+
+
+def classify_options(request: Request, n_classes: int, default_top_k: int) -> tuple[int, bool]:
+    """``top_k`` (1..classes) and ``vendor_scores`` (include the vendor's raw scores) from the query string."""
+    raw = request.query_params.get("top_k")
+    try:
+        top_k = int(raw) if raw is not None else min(default_top_k, n_classes)
+    except ValueError:
+        raise ApiError(400, "bad_request", f"top_k must be an integer, got {raw!r}") from None
+    if not 1 <= top_k <= n_classes:
+        raise ApiError(400, "bad_request", f"top_k must be between 1 and {n_classes}")
+    return top_k, request.query_params.get("vendor_scores", "").lower() in TRUE
+
+
+async def decoded_all(images: list[bytes], max_pixels: int,
+                      to_thread: Callable[..., Awaitable[Any]] | None = None) -> list[bytes]:
+    """Every image checked by :func:`checked_image`; big bodies are decoded off the event loop."""
+    if to_thread is None or sum(map(len, images)) <= 256 << 10:  # small images decode faster than a thread hop
+        return [checked_image(b, max_pixels) for b in images]
+    return await to_thread(lambda: [checked_image(b, max_pixels) for b in images])
+
+
+async def hf_request(request: Request, max_bytes: int) -> tuple[bytes, list[str] | None]:
+    """Image bytes and candidate labels (None: all) of a Hugging Face zero-shot request, JSON or raw bytes."""
+    kind = media_type(request)
+    body = await read_body(request, max_bytes)
+    if kind != "application/json":
+        if kind.startswith("image/") or kind in RAW_TYPES:
+            return body, None
+        raise ApiError(415, "unsupported_media_type", f"cannot read a {kind} body; send the Hugging Face JSON "
+                       '{"inputs": <base64 image>, "parameters": {"candidate_labels": [...]}} or image bytes')
+    doc = json_body(body)
+    if not isinstance(doc, dict):
+        raise ApiError(400, "bad_request", 'the body must be {"inputs": <base64 image>, "parameters": {...}}')
+    params = doc.get("parameters") or {}
+    labels = params.get("candidate_labels") if isinstance(params, dict) else None
+    if labels is not None and (not isinstance(labels, list) or not labels
+                               or not all(isinstance(x, str) for x in labels) or len(set(labels)) != len(labels)):
+        raise ApiError(400, "bad_request", "parameters.candidate_labels must be a list of distinct strings")
+    return from_base64(doc.get("inputs"), "inputs"), labels
