@@ -28,7 +28,7 @@ from craft_adapter.config import FitConfig  # noqa: E402
 from craft_adapter.data import split_holdout  # noqa: E402
 from craft_adapter.evaluate import accuracy  # noqa: E402
 from craft_adapter.fit import FitState, fit  # noqa: E402
-from craft_adapter.reference import HAND_TEMPLATE, REFERENCE_VENDOR_DIR, reference_task  # noqa: E402
+from craft_adapter.reference import HAND_TEMPLATE, REFERENCE_VENDOR_DIR, reference_test, reference_train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
@@ -43,7 +43,7 @@ class TestScorer:
     """Scores prompts on the fixed test split; its meter is separate from any fit's budget."""
 
     def __init__(self, backend: OpenClipBackend) -> None:
-        _, test = reference_task(1, 0)
+        test = reference_test()
         self.y = test.labels
         self.box = BlackBox(backend, test.images, test.class_names, QueryMeter())
         self.emb = None
@@ -59,7 +59,7 @@ def run_fit(backend, scorer: TestScorer, shots: int, seed: int, curve: bool = Fa
     import torch
 
     cfg = FitConfig(shots=shots, seed=seed, **overrides)
-    train, _ = reference_task(shots, seed)
+    train = reference_train(shots, seed)
     tr, ho = split_holdout(train.labels, cfg.n_holdout, seed)
     meter = QueryMeter(cfg.query_budget)
     box = BlackBox(backend, [train.images[i] for i in tr], train.class_names, meter)
@@ -113,7 +113,7 @@ def main() -> None:
                 extra["readings"].append(r["reading"])
             if r["curve"]:
                 extra["curves"].setdefault(name, []).append(r["curve"])
-        train, _ = reference_task(16, seed)
+        train = reference_train(16, seed)
         emb = backend.embed_images(train.images)
         rows["white-box CoOp"].append(coop(backend, train.images, train.labels, test_emb, scorer.y, train.class_names,
                                            seed=seed))

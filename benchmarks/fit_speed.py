@@ -19,7 +19,7 @@ from craft_adapter.config import FitConfig
 from craft_adapter.data import split_holdout
 from craft_adapter.fit import fit
 from craft_adapter.prompt import SoftPromptSearch
-from craft_adapter.reference import REFERENCE_VENDOR_DIR, reference_task
+from craft_adapter.reference import REFERENCE_VENDOR_DIR, reference_train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -49,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     backend = OpenClipBackend(f"local-dir:{REFERENCE_VENDOR_DIR}", device="cpu")
     cfg = FitConfig(shots=16, seed=args.seed, budget=8000)
-    train, _ = reference_task(16, args.seed)
+    train = reference_train(16, args.seed)
     tr, ho = split_holdout(train.labels, cfg.n_holdout, args.seed)
     spent = timed_cma()
     runs = []

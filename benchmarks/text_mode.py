@@ -29,7 +29,7 @@ from craft_adapter.boundary import BlackBox, QueryMeter  # noqa: E402
 from craft_adapter.config import FitConfig  # noqa: E402
 from craft_adapter.data import split_holdout  # noqa: E402
 from craft_adapter.fit import FitState, fit  # noqa: E402
-from craft_adapter.reference import REFERENCE_VENDOR_DIR, reference_task  # noqa: E402
+from craft_adapter.reference import REFERENCE_VENDOR_DIR, reference_test, reference_train  # noqa: E402
 
 # isort: split
 from craft_adapter.serve import HttpZeroShotVendor  # noqa: E402
@@ -62,7 +62,7 @@ class TestSet:
 
     def __init__(self) -> None:
         backend = OpenClipBackend(f"local-dir:{REFERENCE_VENDOR_DIR}", device="cpu")
-        _, test = reference_task(1, 0)
+        test = reference_test()
         self.y = test.labels
         self.box = BlackBox(backend, test.images, test.class_names, QueryMeter())
 
@@ -80,7 +80,7 @@ def run_fit(vendor_url: str, test: TestSet, seed: int, budget: int, concurrency:
     import torch
 
     cfg = FitConfig(shots=16, seed=seed, prompt="text", budget=budget, concurrency=concurrency, **over)
-    train, _ = reference_task(16, seed)
+    train = reference_train(16, seed)
     tr, ho = split_holdout(train.labels, cfg.n_holdout, seed)
     meter = QueryMeter(cfg.query_budget, cfg.budget_unit)
     vendor = HttpZeroShotVendor(vendor_url)
@@ -105,7 +105,7 @@ def run_fit(vendor_url: str, test: TestSet, seed: int, budget: int, concurrency:
 
 def hand_written(vendor_url: str, test: TestSet, seed: int, concurrency: int) -> dict:
     """Choose the best hand template on the training shots (paying for it), and the ensemble."""
-    train, _ = reference_task(16, seed)
+    train = reference_train(16, seed)
     meter = QueryMeter()
     box = BlackBox(HttpZeroShotVendor(vendor_url), train.images, train.class_names, meter, concurrency=concurrency)
     train_acc = (box.logits_text(HAND_TEMPLATES).argmax(-1) == train.labels).mean(-1)

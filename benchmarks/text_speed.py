@@ -68,7 +68,7 @@ def main() -> None:
     from craft_adapter.config import FitConfig
     from craft_adapter.data import split_holdout
     from craft_adapter.fit import fit
-    from craft_adapter.reference import reference_task
+    from craft_adapter.reference import reference_train
     from craft_adapter.serve import HttpZeroShotVendor
 
     proc = subprocess.Popen([sys.executable, __file__, "--stub", "--latency", str(args.latency)],
@@ -76,7 +76,7 @@ def main() -> None:
     try:
         url = proc.stdout.readline().strip()
         cfg = FitConfig(shots=16, seed=1, prompt="text", budget=args.calls, concurrency=args.concurrency)
-        train, _ = reference_task(16, 1)
+        train = reference_train(16, 1)
         tr, ho = split_holdout(train.labels, cfg.n_holdout, 1)
         meter = QueryMeter(cfg.query_budget, cfg.budget_unit)
         vendor = HttpZeroShotVendor(url)

@@ -48,13 +48,13 @@ def load_backend(model: str, weights: Path | None, device: str):
 
 def load_test_set(data: Path | None, shifted: bool = True) -> LabeledImages:
     """The test images: a folder, or the reference task's 10,000-image test split."""
-    from .reference import reference_task
+    from .reference import reference_test
 
     try:
         if data is not None:
             return load_image_folder(data)
         with err.status("loading the reference task's test split"):
-            return reference_task(shots=1, seed=0, shifted=shifted)[1]
+            return reference_test(shifted)
     except DataError as e:
         raise fail(str(e)) from None
 
@@ -62,11 +62,11 @@ def load_test_set(data: Path | None, shifted: bool = True) -> LabeledImages:
 def load_train_set(data: Path | None, shots: int, seed: int) -> LabeledImages:
     """``shots`` images per class drawn by ``seed``: from a folder, or the reference task's train split."""
     from .data import sample_k_shot
-    from .reference import reference_task
+    from .reference import reference_train
 
     try:
         if data is None:
-            return reference_task(shots, seed)[0]
+            return reference_train(shots, seed)
         ds = load_image_folder(data)
         return ds.subset(sample_k_shot(ds.labels, shots, seed, n_classes=len(ds.class_names)))
     except DataError as e:

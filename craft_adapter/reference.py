@@ -104,14 +104,20 @@ def load_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
     return load_idx(img, lab)
 
 
+def reference_train(shots: int, seed: int, shifted: bool = True) -> LabeledImages:
+    """The reference task's few-shot set: ``shots`` per class drawn by ``seed`` from the train split."""
+    x, y = load_fashion_mnist("train")
+    idx = sample_k_shot(y, shots, seed, n_classes=len(CLASS_NAMES))
+    x = apply_shift(x[idx]) if shifted else x[idx]
+    return LabeledImages(arrays_to_images(x), y[idx], list(CLASS_NAMES))
+
+
+def reference_test(shifted: bool = True) -> LabeledImages:
+    """The reference task's fixed test set: all 10,000 test images."""
+    x, y = load_fashion_mnist("test")
+    return LabeledImages(arrays_to_images(apply_shift(x) if shifted else x), y, list(CLASS_NAMES))
+
+
 def reference_task(shots: int, seed: int, shifted: bool = True) -> tuple[LabeledImages, LabeledImages]:
-    """The reference task: ``shots`` per class drawn by ``seed`` from the train split, and the fixed
-    10,000-image test split, both under the catalogue shift (or plain when ``shifted`` is False)."""
-    (xtr, ytr), (xte, yte) = load_fashion_mnist("train"), load_fashion_mnist("test")
-    idx = sample_k_shot(ytr, shots, seed, n_classes=len(CLASS_NAMES))
-    xtr = xtr[idx]
-    if shifted:
-        xtr, xte = apply_shift(xtr), apply_shift(xte)
-    train = LabeledImages(arrays_to_images(xtr), ytr[idx], list(CLASS_NAMES))
-    test = LabeledImages(arrays_to_images(xte), yte, list(CLASS_NAMES))
-    return train, test
+    """The reference task: the few-shot set and the test set, both under the catalogue shift (or plain)."""
+    return reference_train(shots, seed, shifted), reference_test(shifted)
