@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
@@ -43,6 +44,14 @@ def image_base64(image: Image.Image) -> str:
     return base64.b64encode(image_png(image)).decode("ascii")
 
 
+def redact_url(url: str) -> str:
+    """``url`` without credentials or query string (where some APIs carry keys): scheme, host, port, path."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
 def post_json(url: str, payload: Any, headers: dict[str, str] | None = None, timeout: float = 60.0) -> Any:
     """POST ``payload`` as JSON and parse the JSON answer; HTTP and network failures become :class:`VendorError`."""
     request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
@@ -56,7 +65,7 @@ def get_json(url: str, headers: dict[str, str] | None = None, timeout: float = 6
 
 
 def _json_answer(request: urllib.request.Request, timeout: float) -> Any:
-    url = request.full_url
+    url = redact_url(request.full_url)  # messages and logs never carry a key from the URL
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()
@@ -109,14 +118,14 @@ class HttpZeroShotVendor:
 
     def __init__(self, url: str, headers: dict[str, str] | None = None, timeout: float = 60.0) -> None:
         self.url, self.headers, self.timeout = url, dict(headers or {}), timeout
-        self.identity = {"name": "hf-zero-shot-http", "url": url}
+        self.identity = {"name": "hf-zero-shot-http", "url": redact_url(url)}
 
     def score(self, image: Image.Image, labels: Sequence[str], template: str) -> np.ndarray:
         """Probabilities ``[c]`` for one image, in ``labels`` order."""
         payload = {"inputs": image_base64(image),
                    "parameters": {"candidate_labels": list(labels), "hypothesis_template": template}}
         answer = post_json(self.url, payload, self.headers, self.timeout)
-        return scores_by_label(_pairs(answer, self.url), labels)
+        return scores_by_label(_pairs(answer, redact_url(self.url)), labels)
 
 
 class EmbeddingApiVendor:
@@ -128,7 +137,7 @@ class EmbeddingApiVendor:
                  timeout: float = 60.0) -> None:
         self.url, self.headers, self.timeout = url.rstrip("/"), dict(headers or {}), timeout
         self._logit_scale = logit_scale
-        self.identity = {"name": "embedding-api", "url": self.url}
+        self.identity = {"name": "embedding-api", "url": redact_url(self.url)}
 
     @property
     def logit_scale(self) -> float:
@@ -136,7 +145,7 @@ class EmbeddingApiVendor:
         if self._logit_scale is None:
             info = get_json(f"{self.url}/info", self.headers, self.timeout)
             if not isinstance(info, dict) or not isinstance(info.get("logit_scale"), (int, float)):
-                raise VendorError(f"{self.url}/info gives no logit_scale; pass logit_scale= explicitly")
+                raise VendorError(f"{redact_url(self.url)}/info gives no logit_scale; pass logit_scale= explicitly")
             self._logit_scale = float(info["logit_scale"])
         return self._logit_scale
 
@@ -151,11 +160,12 @@ class EmbeddingApiVendor:
     def _embed(self, kind: str, inputs: list[str]) -> np.ndarray:
         url = f"{self.url}/embed/{kind}"
         answer = post_json(url, {"inputs": inputs}, self.headers, self.timeout)
+        shown = redact_url(url)
         try:
             emb = np.asarray(answer["embeddings"], dtype=np.float32)
         except (KeyError, TypeError, ValueError):
-            raise VendorError(f"{url} did not answer {{'embeddings': [[...], ...]}}: {str(answer)[:200]}") from None
+            raise VendorError(f"{shown} did not answer {{'embeddings': [[...], ...]}}: {str(answer)[:200]}") from None
         if emb.ndim != 2 or len(emb) != len(inputs) or not np.isfinite(emb).all():
-            raise VendorError(f"{url} answered embeddings of shape {emb.shape} for {len(inputs)} inputs, or "
+            raise VendorError(f"{shown} answered embeddings of shape {emb.shape} for {len(inputs)} inputs, or "
                               "non-finite values; expected one finite vector per input")
         return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), np.float32(1e-12))

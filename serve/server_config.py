@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .http_vendors import redact_url
+
 ENV_PREFIX = "CRAFT_SERVE_"
 DEFAULT_KEY_ENV = "CRAFT_VENDOR_API_KEY"
 
@@ -121,14 +123,6 @@ class ServerConfig:
             return Secret(key)
         key = (os.environ if env is None else env).get(self.vendor_key_env, "").strip()
         return Secret(key) if key else None
-
-
-def redact_url(url: str) -> str:
-    """``url`` without credentials or query string (where some APIs carry keys): scheme, host, port, path."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def _parse(raw: str, kind: Any, name: str) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 
@@ -175,3 +176,14 @@ def test_cli_fit_against_a_vendor_url_is_text_mode_with_price(tiny_model_dir, tm
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def test_vendor_url_keys_never_reach_the_adapter_or_errors(tmp_path):
+    from craft_adapter.serve import HttpZeroShotVendor, VendorError
+
+    secret = "sk-do-not-leak-123"
+    vendor = HttpZeroShotVendor(f"http://user:{secret}@127.0.0.1:9/zs?api_key={secret}", timeout=2)
+    assert secret not in json.dumps(vendor.identity)
+    with pytest.raises(VendorError) as e:
+        vendor.score(images(1)[0], CLASSES, "a photo of a {}.")
+    assert secret not in str(e.value) and "127.0.0.1:9/zs" in str(e.value)
