@@ -39,8 +39,9 @@ def eval_cmd(
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
     data: DataOpt = None,
-    template: Annotated[str, typer.Option(help="Hand-written prompt for zero-shot, {} marks the class name. "
-                                          "With an adapter, the adapter's own template is used.")] = HAND_TEMPLATE,
+    template: Annotated[str, typer.Option(
+        help="Hand-written prompt for zero-shot, {} marks the class name. With an adapter, the adapter's "
+        "learned prompt is scored beside it.")] = HAND_TEMPLATE,
     shift: Annotated[bool, typer.Option(help="Reference task only: apply the catalogue shift.")] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON here.")] = None,
 ) -> None:
@@ -64,7 +65,8 @@ def eval_cmd(
                       "queries": res.queries, "vendor_calls": res.vendor_calls}
         else:
             try:
-                result = {**evaluate_adapter(box, test.labels, loaded), "template": loaded.template}
+                result = {**evaluate_adapter(box, test.labels, loaded, template), "template": template,
+                          "learned_template": loaded.template}
             except AdapterError as e:
                 raise fail(str(e)) from None
     out.print(f"zero-shot accuracy: [bold]{100 * result['zero_shot_accuracy']:.2f}%[/] "

@@ -199,7 +199,7 @@ def register(app: typer.Typer) -> None:
         test = load_test_set(None)
         box = BlackBox(backend, test.images, test.class_names, QueryMeter())
         with err.status(f"evaluating on {len(test)} shifted test images"):
-            r = evaluate_adapter(box, test.labels, result.adapter)
+            r = evaluate_adapter(box, test.labels, result.adapter, cfg.template)
         out.print(f"reference task (Fashion-MNIST, catalogue shift), 16 shots, seed {seed}, "
                   f"{result.adapter.fit['queries']} queries:")
         out.print(f"  zero-shot {100 * r['zero_shot_accuracy']:.2f}%  ->  CraFT [bold green]"

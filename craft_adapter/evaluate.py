@@ -44,10 +44,14 @@ def adapted_scores(box: BlackBox, adapter: Adapter) -> tuple[np.ndarray, np.ndar
     return raw, adapter.refine(raw)
 
 
-def evaluate_adapter(box: BlackBox, labels: np.ndarray, adapter: Adapter) -> dict[str, float | int]:
-    """Zero-shot (the adapter's hand-written template), prompt-only and adapted accuracy, with query counts."""
-    zs = accuracy(box.logits_text([adapter.template])[0], labels)
-    raw, refined = adapted_scores(box, adapter)
+def evaluate_adapter(box: BlackBox, labels: np.ndarray, adapter: Adapter,
+                     zero_shot_template: str) -> dict[str, float | int]:
+    """Zero-shot (a hand-written template), prompt-only and adapted accuracy, with query counts.
+
+    The hand-written template is passed in: a text-mode adapter's own template is the learned one.
+    """
+    raw, refined = adapted_scores(box, adapter)  # checks the class names before anything is paid
+    zs = accuracy(box.logits_text([zero_shot_template])[0], labels)
     return {"zero_shot_accuracy": zs, "prompt_only_accuracy": accuracy(raw, labels),
             "adapted_accuracy": accuracy(refined, labels), "n_images": box.n_images,
             "queries": box.meter.queries, "vendor_calls": box.meter.vendor_calls}

@@ -187,3 +187,17 @@ def test_vendor_url_keys_never_reach_the_adapter_or_errors(tmp_path):
     with pytest.raises(VendorError) as e:
         vendor.score(images(1)[0], CLASSES, "a photo of a {}.")
     assert secret not in str(e.value) and "127.0.0.1:9/zs" in str(e.value)
+
+
+def test_eval_of_a_text_adapter_scores_the_hand_template_as_zero_shot():
+    from craft_adapter.evaluate import evaluate_adapter
+
+    adapter = run_fit(2)[0].adapter
+    assert adapter.template != "a photo of a {}."
+    imgs = images(12)
+    labels = np.array([im.tobytes()[0] % 3 for im in imgs])
+    box = BlackBox(HashVendor(), imgs, CLASSES, QueryMeter())
+    r = evaluate_adapter(box, labels, adapter, "a photo of a {}.")
+    hand = (box.logits_text(["a photo of a {}."])[0].argmax(-1) == labels).mean()
+    learned = (box.logits_text([adapter.template])[0].argmax(-1) == labels).mean()
+    assert r["zero_shot_accuracy"] == hand and r["prompt_only_accuracy"] == learned
