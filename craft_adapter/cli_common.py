@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from .data import DataError, LabeledImages, load_image_folder
 from .reference import REFERENCE_VENDOR_DIR
+
+if TYPE_CHECKING:
+    from .backends.open_clip_backend import OpenClipBackend
 
 app = typer.Typer(
     help="Fine-tune a black-box vision-language model for few-shot classification (CraFT).",
@@ -35,7 +38,7 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def load_backend(model: str, weights: Path | None, device: str):
+def load_backend(model: str, weights: Path | None, device: str) -> OpenClipBackend:
     """Build the in-process open_clip backend, turning setup mistakes into clean CLI errors."""
     from .backends.open_clip_backend import BackendError, OpenClipBackend
 

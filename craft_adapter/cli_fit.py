@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
@@ -27,10 +27,15 @@ from .cli_common import (
 )
 from .config import FitConfig
 
+if TYPE_CHECKING:
+    from .boundary import EmbeddingBackend, ScoringBackend
+    from .fit import FitResult
+    from .serve import HttpZeroShotVendor
+
 HP = "Hyperparameters"
 
 
-def load_vendor(url: str):
+def load_vendor(url: str) -> HttpZeroShotVendor:
     """A remote Hugging Face zero-shot endpoint as a (string-only) fit backend."""
     from .serve import HttpZeroShotVendor
 
@@ -39,7 +44,8 @@ def load_vendor(url: str):
     return HttpZeroShotVendor(url)
 
 
-def run_fit(cfg: FitConfig, backend, data: Path | None, output: Path, price_per_1k: float | None = None):
+def run_fit(cfg: FitConfig, backend: EmbeddingBackend | ScoringBackend, data: Path | None, output: Path,
+            price_per_1k: float | None = None) -> FitResult:
     """Sample the few-shot set, fit with a live progress bar, save the adapter and its fit log."""
     from .boundary import BlackBox, BudgetExhausted, QueryMeter
     from .data import split_holdout
