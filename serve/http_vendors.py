@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import urllib.error
@@ -66,19 +67,46 @@ def get_json(url: str, headers: dict[str, str] | None = None, timeout: float = 6
 
 def _json_answer(request: urllib.request.Request, timeout: float) -> Any:
     url = redact_url(request.full_url)  # messages and logs never carry a key from the URL
+    secrets = _header_secrets(request.header_items())
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()
     except urllib.error.HTTPError as e:
-        detail = e.read()[:500].decode("utf-8", "replace")
-        raise VendorError(f"{url} answered HTTP {e.code}: {detail}") from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-        raise VendorError(f"cannot reach the vendor at {url} ({getattr(e, 'reason', e)}); is it running? "
+        detail = _scrub(e.read()[:500].decode("utf-8", "replace"), secrets)
+        transient = e.code in (408, 425, 429) or e.code >= 500
+        raise VendorError(f"{url} answered HTTP {e.code}: {detail}", transient=transient, status=e.code,
+                          retry_after=_seconds(e.headers.get("Retry-After"))) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
+        reason = _scrub(str(getattr(e, "reason", e)) or type(e).__name__, secrets)
+        raise VendorError(f"cannot reach the vendor at {url} ({reason}); is it running? "
                           "`craft-adapter vendor` serves one locally") from None
     try:
         return json.loads(body)
     except ValueError:
-        raise VendorError(f"{url} did not answer JSON: {body[:200]!r}") from None
+        raise VendorError(f"{url} did not answer JSON: {_scrub(repr(body[:200]), secrets)}") from None
+
+
+def _header_secrets(items: Any) -> list[str]:
+    """Header values that may carry a key (all but Content-Type), and the token after an auth scheme."""
+    found: list[str] = []
+    for name, value in items:
+        if name.lower() != "content-type" and value:
+            found += [value, *(value.split(None, 1)[1:] if " " in value else [])]
+    return sorted({v for v in found if len(v) >= 4}, key=len, reverse=True)
+
+
+def _scrub(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _seconds(value: str | None) -> float | None:
+    """A Retry-After header in seconds (the delay form; an HTTP date is ignored)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _pairs(answer: Any, url: str) -> list[tuple[str, float]]:

@@ -43,6 +43,27 @@ class Secret:
     __str__ = __repr__
 
 
+def read_key(key_env: str, key_file: str = "", env: Mapping[str, str] | None = None) -> Secret | None:
+    """An API key from ``key_file`` if given, else from the environment variable ``key_env``; or None."""
+    if key_file:
+        try:
+            key = Path(key_file).read_text().strip()
+        except OSError as e:
+            raise ValueError(f"cannot read the vendor key file {key_file} ({e.strerror})") from None
+        if not key:
+            raise ValueError(f"the vendor key file {key_file} is empty")
+        return Secret(key)
+    key = (os.environ if env is None else env).get(key_env, "").strip()
+    return Secret(key) if key else None
+
+
+def auth_headers(key: Secret | None, header: str = "Authorization", scheme: str = "Bearer") -> dict[str, str]:
+    """The header that carries ``key`` (``scheme`` before it; empty sends it bare); nothing without a key."""
+    if key is None:
+        return {}
+    return {header: f"{scheme} {key.reveal()}" if scheme else key.reveal()}
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything ``craft-adapter serve`` can be told; validated on creation."""
@@ -113,16 +134,7 @@ class ServerConfig:
 
     def vendor_key(self, env: Mapping[str, str] | None = None) -> Secret | None:
         """The vendor's API key from ``vendor_key_file``, else from the variable ``vendor_key_env``; or None."""
-        if self.vendor_key_file:
-            try:
-                key = Path(self.vendor_key_file).read_text().strip()
-            except OSError as e:
-                raise ValueError(f"cannot read the vendor key file {self.vendor_key_file} ({e.strerror})") from None
-            if not key:
-                raise ValueError(f"the vendor key file {self.vendor_key_file} is empty")
-            return Secret(key)
-        key = (os.environ if env is None else env).get(self.vendor_key_env, "").strip()
-        return Secret(key) if key else None
+        return read_key(self.vendor_key_env, self.vendor_key_file, env)
 
 
 def _parse(raw: str, kind: Any, name: str) -> Any:

@@ -29,7 +29,16 @@ Scores = Callable[[Sequence[Image.Image]], np.ndarray]  # images -> raw vendor s
 
 
 class VendorError(RuntimeError):
-    """A vendor answered something the adapter cannot use; the message says what and how to fix it."""
+    """A vendor answered something the adapter cannot use; the message says what and how to fix it.
+
+    ``transient`` says whether the same call may succeed if sent again (timeouts, 429, 5xx, garbled replies);
+    ``retry_after`` is the vendor's own hint in seconds, ``status`` the HTTP status when there was one.
+    """
+
+    def __init__(self, message: str, *, transient: bool = True, status: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.transient, self.status, self.retry_after = transient, status, retry_after
 
 
 @dataclass
