@@ -7,9 +7,7 @@ scores. Nothing on a ``BlackBox`` leads to weights, modules or gradients.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
@@ -17,7 +15,9 @@ import numpy as np
 from PIL import Image
 
 if TYPE_CHECKING:
+    from .cache import QueryCache
     from .dispatch import PairScorer
+    from .vendor_calls import RetryPolicy
 
 BudgetUnit = Literal["queries", "vendor_calls"]
 
@@ -37,7 +37,8 @@ class QueryMeter:
     """Counts queries, vendor calls and images sent, and refuses any call that would pass the budget.
 
     One *query* is one candidate prompt scored on the whole image set. One *vendor call* is one request
-    to the vendor. ``budget`` caps ``unit``; ``None`` means no cap.
+    to the vendor. ``budget`` caps ``unit``; ``None`` means no cap. ``queries`` and ``vendor_calls`` count what
+    the fit used, whether the vendor or the query cache answered; ``paid_calls`` counts what the vendor did.
     """
 
     budget: int | None = None
@@ -46,6 +47,10 @@ class QueryMeter:
     vendor_calls: int = 0
     images_sent: int = 0
     vendor_seconds: float = 0.0  # wall time spent inside vendor calls
+    # What actually crossed the wire (never in the adapter: a replayed or retried fit finds the same adapter).
+    paid_calls: int = 0  # calls the vendor answered in this process
+    cached_calls: int = 0  # calls of the budget served wholly from the query cache
+    failed_calls: int = 0  # attempts that failed (retried, or given up on)
 
     def __post_init__(self) -> None:
         if self.unit not in ("queries", "vendor_calls"):
@@ -79,7 +84,8 @@ class QueryMeter:
     def summary(self) -> dict[str, int | str | None]:
         """The counts as a plain dict."""
         return {"budget": self.budget, "unit": self.unit, "queries": self.queries,
-                "vendor_calls": self.vendor_calls, "images_sent": self.images_sent}
+                "vendor_calls": self.vendor_calls, "images_sent": self.images_sent, "paid_calls": self.paid_calls,
+                "cached_calls": self.cached_calls, "failed_calls": self.failed_calls}
 
 
 @dataclass(frozen=True)
@@ -147,7 +153,11 @@ def fill(template: str, class_name: str) -> str:
 
 @dataclass
 class BlackBox:
-    """A metered view of a backend over one fixed image set; scores come back as numpy ``[p, n, c]``."""
+    """A metered view of a backend over one fixed image set; scores come back as numpy ``[p, n, c]``.
+
+    With a ``cache``, every answer is looked up there first and every paid answer is stored before it is used;
+    vendor faults are retried under ``retry`` (see :mod:`craft_adapter.vendor_calls`).
+    """
 
     _backend: EmbeddingBackend | ScoringBackend = field(repr=False)
     _images: Sequence[Image.Image] = field(repr=False)
@@ -155,12 +165,20 @@ class BlackBox:
     meter: QueryMeter = field(default_factory=QueryMeter)
     concurrency: int = 1  # scoring vendors: calls in flight
     rate_limit: float | None = None  # scoring vendors: calls per second
+    cache: QueryCache | None = field(default=None, repr=False)
+    retry: RetryPolicy | None = None
 
     def __post_init__(self) -> None:
+        from .cache import BackendCache
+        from .vendor_calls import Caller
+
         self._image_emb: np.ndarray | None = None
         self._scorer: PairScorer | None = None
         if not isinstance(self._backend, (EmbeddingBackend, ScoringBackend)):
             raise TypeError(f"{type(self._backend).__name__} is neither an embedding nor a scoring backend")
+        self._store = BackendCache(self.cache, self.identity)
+        self._caller = Caller(self.meter, self.retry)
+        self._image_keys: list[str] | None = None
 
     @property
     def capabilities(self) -> Capabilities:
@@ -177,24 +195,42 @@ class BlackBox:
         """The scale on cosine logits (1.0 for a scoring vendor, whose scores are used as they come)."""
         return float(getattr(self._backend, "logit_scale", 1.0))
 
-    @contextmanager
-    def _vendor(self) -> Iterator[None]:
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.meter.vendor_seconds += time.perf_counter() - t
-
     @property
     def n_images(self) -> int:
         """How many images this box scores."""
         return len(self._images)
 
+    def image_keys(self) -> list[str]:
+        """Content hashes of the images, the cache's image keys."""
+        if self._image_keys is None:
+            from .cache import image_key
+
+            self._image_keys = [image_key(im) for im in self._images]
+        return self._image_keys
+
+    def _answers(self, kind: str, keys: list[tuple[str, str]], request: Callable[[list[int]], object],
+                 shape: tuple[int | None, ...]) -> np.ndarray:
+        """Answers ``[len(keys), *shape]``: stored ones from the cache, the rest in one vendor call, stored first."""
+        from .vendor_calls import checked
+
+        got = self._store.get(kind, keys)
+        todo = [j for j, k in enumerate(keys) if k not in got]
+        if not todo:
+            self.meter.cached_calls += 1
+        else:
+            fresh = self._caller.call(lambda: request(todo), lambda a: checked(a, (len(todo), *shape)),
+                                      f"a {kind} request for {len(todo)} inputs")
+            new = {keys[j]: fresh[n] for n, j in enumerate(todo)}
+            self._store.put(kind, new)
+            got.update(new)
+        return np.stack([got[k] for k in keys])
+
     def _images_embedded(self) -> np.ndarray:
         if self._image_emb is None:
             self.meter.charge(vendor_calls=1, images=len(self._images))
-            with self._vendor():
-                self._image_emb = self._backend.embed_images(self._images)  # [n, d]
+            keys = [("", k) for k in self.image_keys()]
+            self._image_emb = self._answers(  # [n, d]
+                "image", keys, lambda todo: self._backend.embed_images([self._images[j] for j in todo]), (None,))
         return self._image_emb
 
     def _cosine_logits(self, text_emb: np.ndarray) -> np.ndarray:
@@ -204,15 +240,17 @@ class BlackBox:
 
     def logits_text(self, templates: Sequence[str], rows: Sequence[int] | None = None) -> np.ndarray:
         """Scores ``[p, m, c]`` of each template (``{}`` marks the class name) on image ``rows`` (default all)."""
+        from .cache import digest
+
         rows = range(len(self._images)) if rows is None else rows
         if self.capabilities.style == "scoring":
             return self._pairs().scores(templates, rows)
         texts = [fill(t, c) for t in templates for c in self.class_names]
         self._images_embedded()
         self.meter.charge(queries=len(templates), vendor_calls=1)
-        with self._vendor():
-            emb = self._backend.embed_texts(texts).reshape(len(templates), len(self.class_names), -1)
-        return self._cosine_logits(emb)[:, list(rows)]
+        emb = self._answers("text", [(digest(t), "") for t in texts],
+                            lambda todo: self._backend.embed_texts([texts[j] for j in todo]), (None,))
+        return self._cosine_logits(emb.reshape(len(templates), len(self.class_names), -1))[:, list(rows)]
 
     def text_cost(self, templates: Sequence[str], rows: Sequence[int] | None = None) -> int:
         """What :meth:`logits_text` would cost now, in the meter's unit (answers already paid are free)."""
@@ -232,7 +270,8 @@ class BlackBox:
             from .dispatch import PairScorer
 
             self._scorer = PairScorer(self._backend, self._images, self.class_names, self.meter,
-                                      self.concurrency, self.rate_limit)
+                                      self.concurrency, self.rate_limit, caller=self._caller, store=self._store,
+                                      image_keys=self.image_keys())
         return self._scorer
 
     def soft_prompt_init(self, text: str = "a photo of a") -> np.ndarray:
@@ -241,11 +280,14 @@ class BlackBox:
 
     def logits_soft(self, ctx: np.ndarray) -> np.ndarray:
         """Scores ``[p, n, c]`` of context vectors ``ctx [p, n_ctx, width]`` on every image."""
+        from .cache import array_key
+
         backend = self._soft()
         self._images_embedded()
         self.meter.charge(queries=len(ctx), vendor_calls=1)
-        with self._vendor():
-            emb = backend.embed_soft(ctx, self.class_names)
+        keys = [(array_key(c, *self.class_names), "") for c in ctx]
+        emb = self._answers("soft", keys, lambda todo: backend.embed_soft(ctx[todo], self.class_names),
+                            (len(self.class_names), None))  # [p, c, d]
         return self._cosine_logits(emb)
 
     def describe_soft(self, ctx: np.ndarray) -> str:

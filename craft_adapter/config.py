@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 DEFAULT_BUDGETS = {1: 2000, 2: 4000, 4: 4000, 8: 8000, 16: 8000}
 TEXT_DEFAULT_BUDGET = 20_000  # vendor calls
-OPERATIONAL = ("concurrency", "rate_limit")  # change how fast a fit runs, never what it finds
+# change how fast a fit runs or how hard it tries, never what it finds
+OPERATIONAL = ("concurrency", "rate_limit", "retries", "retry_backoff", "max_failed_calls", "timeout")
 
 
 def default_budget(shots: int) -> int:
@@ -44,6 +45,10 @@ class FitConfig:
     minibatch_end: int = 3  # ... and at its end (measured: benchmarks/results/text_schedules.json)
     concurrency: int = 8  # scoring vendors: calls in flight (the result never depends on it)
     rate_limit: float | None = None  # scoring vendors: calls per second
+    retries: int = 5  # per vendor call, on transient faults (timeouts, 429, 5xx, garbled replies)
+    retry_backoff: float = 0.5  # seconds before the first retry, doubling each time (jittered, capped at 30)
+    max_failed_calls: int | None = None  # stop after this many failed calls in all; None: 10% of the budget
+    timeout: float = 60.0  # seconds per HTTP vendor call
     # prediction refinement module
     hidden: int = 256
     lr: float = 1e-3
@@ -76,6 +81,9 @@ class FitConfig:
             (1 <= self.minibatch_start <= self.minibatch_end, "need 1 <= minibatch_start <= minibatch_end"),
             (self.concurrency >= 1, "concurrency must be at least 1"),
             (self.rate_limit is None or self.rate_limit > 0, "rate_limit must be positive"),
+            (self.retries >= 0 and self.retry_backoff >= 0, "retries and retry_backoff must be non-negative"),
+            (self.max_failed_calls is None or self.max_failed_calls >= 0, "max_failed_calls must be non-negative"),
+            (self.timeout > 0, "timeout must be positive"),
             (self.train_prompt or self.train_refiner, "nothing to train: enable the prompt or the refiner"),
             (self.init_prompt.strip() != "", "init_prompt must not be empty"),
         ]
@@ -109,14 +117,26 @@ class FitConfig:
         """The settings that decide the result, for the adapter's fit summary (how fast calls go does not)."""
         return {k: v for k, v in asdict(self).items() if k not in OPERATIONAL}
 
+    @property
+    def failure_cap(self) -> int:
+        """Failed vendor calls tolerated in all before the fit stops: ``max_failed_calls``, or 10% of the budget."""
+        return self.max_failed_calls if self.max_failed_calls is not None else max(20, self.query_budget // 10)
+
     @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> FitConfig:
-        """Load from ``.json`` or ``.toml``; ``overrides`` win over the file."""
+    def read_file(cls, path: str | Path) -> dict[str, Any]:
+        """The settings in a ``.json`` or ``.toml`` file, names checked."""
         path = Path(path)
         text = path.read_text()
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a table of settings")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"{path}: unknown fit settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**{**data, **overrides})
+        return data
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> FitConfig:
+        """Load from ``.json`` or ``.toml``; ``overrides`` win over the file."""
+        return cls(**{**cls.read_file(path), **overrides})

@@ -1,23 +1,25 @@
 """Paying a scoring-style vendor: each (image, prompt) pair once, concurrently, within the budget.
 
 A scoring vendor (Hugging Face zero-shot style) scores one image per call. :class:`PairScorer` keeps every
-answer for the life of a fit, so the same pair is never paid twice; sends the missing pairs with at most
-``concurrency`` calls in flight and at most ``rate_limit`` calls per second; and refuses a request whose
-missing pairs do not fit the budget before sending any of them. Answers are placed by index, so the
-result never depends on the concurrency or on which call finished first.
+answer for the life of a fit, and in the query cache across fits, so the same pair is never paid twice. It
+sends the missing pairs with at most ``concurrency`` calls in flight and at most ``rate_limit`` calls per
+second, and refuses a request whose missing pairs do not fit the budget before sending any of them. Answers
+are placed by index, so the result never depends on the concurrency or on which call finished first.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
 
 from .boundary import QueryMeter, ScoringBackend
+from .cache import BackendCache, digest, image_key
+from .vendor_calls import Caller, checked
 
 
 class RateLimiter:
@@ -43,15 +45,24 @@ class RateLimiter:
 
 
 class PairScorer:
-    """Scores ``[p, m, c]`` for templates on image rows, paying only for pairs not seen before."""
+    """Scores ``[p, m, c]`` for templates on image rows, paying only for pairs not seen before.
+
+    A pair not yet seen in this fit is looked up in the query cache (``store``) first; only the rest are sent,
+    through ``caller`` (retries, fault accounting), and each answer is stored before it is used.
+    """
 
     def __init__(self, backend: ScoringBackend, images: Sequence[Image.Image], class_names: list[str],
                  meter: QueryMeter, concurrency: int = 1, rate_limit: float | None = None,
-                 on_paid: Callable[[], None] | None = None) -> None:
+                 caller: Caller | None = None, store: BackendCache | None = None,
+                 image_keys: Sequence[str] | None = None) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         self.backend, self.images, self.class_names, self.meter = backend, images, class_names, meter
-        self.concurrency, self.limiter, self.on_paid = concurrency, RateLimiter(rate_limit), on_paid
+        self.concurrency, self.limiter = concurrency, RateLimiter(rate_limit)
+        self.caller = caller or Caller(meter)
+        self.store = store or BackendCache(None, backend.identity)
+        self.image_keys = list(image_keys) if image_keys is not None else [image_key(im) for im in images]
+        self.probabilities = backend.capabilities.returns == "probabilities"
         self.cache: dict[tuple[int, str], np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -59,28 +70,44 @@ class PairScorer:
         """The pairs a request would have to pay for, each once, in a fixed order."""
         return [(i, t) for t in dict.fromkeys(templates) for i in rows if (i, t) not in self.cache]
 
-    def _pay(self, pair: tuple[int, str]) -> None:
+    def _key(self, pair: tuple[int, str]) -> tuple[str, str]:
         i, template = pair
-        self.limiter.acquire()
-        t0 = time.perf_counter()
-        scores = np.asarray(self.backend.score(self.images[i], self.class_names, template), dtype=np.float32)
+        return digest(template, *self.class_names), self.image_keys[i]
+
+    def _keep(self, pair: tuple[int, str], scores: np.ndarray) -> None:
         with self._lock:
-            self.meter.vendor_seconds += time.perf_counter() - t0
             self.meter.charge(vendor_calls=1, images=1)
             self.cache[pair] = scores
-        if self.on_paid is not None:
-            self.on_paid()
+
+    def _pay(self, pair: tuple[int, str]) -> None:
+        i, template = pair
+        c = len(self.class_names)
+
+        def send() -> object:
+            self.limiter.acquire()
+            return self.backend.score(self.images[i], self.class_names, template)
+
+        scores = self.caller.call(send, lambda a: checked(a, (c,), self.probabilities), "a scoring call")
+        self.store.put("score", {self._key(pair): scores})  # kept on disk before it is used
+        self._keep(pair, scores)
 
     def scores(self, templates: Sequence[str], rows: Sequence[int]) -> np.ndarray:
         """Scores ``[p, len(rows), c]``; the whole request is refused if its new pairs exceed the budget."""
         todo = self.missing(templates, rows)
         self.meter.check(vendor_calls=len(todo))
+        stored = self.store.get("score", [self._key(p) for p in todo])
+        for pair in todo:
+            key = self._key(pair)
+            if key in stored:
+                self._keep(pair, stored[key])
+                self.meter.cached_calls += 1
+        todo = [p for p in todo if p not in self.cache]
         if self.concurrency == 1 or len(todo) <= 1:
             for pair in todo:
                 self._pay(pair)
         else:
             with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
                 for future in [pool.submit(self._pay, pair) for pair in todo]:
-                    future.result()  # re-raises a failed call once all are done; paid answers stay cached
+                    future.result()  # re-raises a failed call once all are done; paid answers stay stored
         self.meter.queries += len(templates)
         return np.stack([np.stack([self.cache[(i, t)] for i in rows]) for t in templates])

@@ -49,6 +49,7 @@ class FitResult:
     history: list[dict]
     wall_time_s: float
     vendor_time_s: float
+    meter: dict = field(default_factory=dict)  # QueryMeter.summary(): what was used, paid, cached, failed
 
 
 def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -133,7 +134,7 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
              "generations": gen, "holdout_shots": cfg.n_holdout if use_holdout else 0,
              "holdout_acc": None if best is None else best[0], "config": cfg.to_dict()},
     )
-    return FitResult(adapter, history, time.perf_counter() - t0, meter.vendor_seconds)
+    return FitResult(adapter, history, time.perf_counter() - t0, meter.vendor_seconds, meter.summary())
 
 
 def _check(holdout: BlackBox, module, cand, refiner: Refiner, as_input, y: torch.Tensor, best):
