@@ -112,11 +112,12 @@ def inspect_cmd(
 
 
 def _register() -> None:
-    from . import cli_fit, cli_serve, cli_ship
+    from . import cli_cache, cli_fit, cli_serve, cli_ship
 
     cli_fit.register(app)
     cli_ship.register(app)
     cli_serve.register(app)
+    cli_cache.register(app)
 
 
 _register()

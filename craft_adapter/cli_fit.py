@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -10,7 +9,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .cli_common import (
     DEFAULT_MODEL,
@@ -22,80 +20,101 @@ from .cli_common import (
     fail,
     load_backend,
     load_test_set,
-    load_train_set,
     out,
 )
 from .config import FitConfig
+from .fit_job import run_fit
 
 if TYPE_CHECKING:
-    from .boundary import EmbeddingBackend, ScoringBackend
     from .fit import FitResult
     from .serve import HttpZeroShotVendor
+    from .serve.server_config import Secret
 
 HP = "Hyperparameters"
+RUN = "Cache, resume and vendor faults"
 
 
-def load_vendor(url: str) -> HttpZeroShotVendor:
-    """A remote Hugging Face zero-shot endpoint as a (string-only) fit backend."""
+def _summary(output: Path, result: FitResult, cfg: FitConfig) -> None:
+    f, m = result.adapter.fit, result.meter
+    held = "n/a" if f["holdout_acc"] is None else f"{100 * f['holdout_acc']:.1f}%"
+    price = f", about ${f['estimated_price']:.2f}" if "estimated_price" in f else ""
+    out.print(f"wrote [bold]{output}[/] ({output.stat().st_size} bytes): {f['queries']} queries, "
+              f"{f['vendor_calls']} vendor calls{price} (budget {f['budget']} {cfg.budget_unit}), held-out "
+              f"accuracy {held}, {result.wall_time_s:.1f}s; prompt {result.adapter.template!r}")
+    out.print(f"vendor calls this run: {m['paid_calls']} paid, {m['cached_calls']} answered by the query cache, "
+              f"{m['failed_calls']} failed (retried)")
+
+
+def load_vendor(url: str, key: Secret | None = None, header: str = "Authorization", scheme: str = "Bearer",
+                timeout: float = 60.0) -> HttpZeroShotVendor:
+    """A remote Hugging Face zero-shot endpoint as a (string-only) fit backend; the key goes in a header only."""
+    from urllib.parse import urlsplit
+
     from .serve import HttpZeroShotVendor
+    from .serve.http_vendors import redact_url
+    from .serve.server_config import auth_headers
 
-    if not url.startswith(("http://", "https://")):
-        raise fail(f"--vendor must be an http(s) URL, got {url!r}")
-    return HttpZeroShotVendor(url)
-
-
-def run_fit(cfg: FitConfig, backend: EmbeddingBackend | ScoringBackend, data: Path | None, output: Path,
-            price_per_1k: float | None = None) -> FitResult:
-    """Sample the few-shot set, fit with a live progress bar, save the adapter and its fit log."""
-    from .boundary import BlackBox, BudgetExhausted, QueryMeter
-    from .data import split_holdout
-    from .fit import fit
-
-    train = load_train_set(data, cfg.shots, cfg.seed)
-    tr, ho = split_holdout(train.labels, cfg.n_holdout, cfg.seed)
-    meter = QueryMeter(cfg.query_budget, cfg.budget_unit)
-    kw = {"concurrency": cfg.concurrency, "rate_limit": cfg.rate_limit}
-    box = BlackBox(backend, [train.images[i] for i in tr], train.class_names, meter, **kw)
-    hold = BlackBox(backend, [train.images[i] for i in ho], train.class_names, meter, **kw) if len(ho) else None
-    unit = "queries" if cfg.budget_unit == "queries" else "vendor calls"
-    columns = [TextColumn("[bold]fit"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
-    with Progress(*columns, console=err, transient=False) as progress:
-        task = progress.add_task("fit", total=cfg.query_budget, info="")
-
-        def show(s) -> None:
-            held = "" if s.holdout_acc is None else f" held-out {100 * s.holdout_acc:.1f}%"
-            price = "" if price_per_1k is None else f" ~${s.vendor_calls / 1000 * price_per_1k:.2f}"
-            progress.update(task, completed=meter.used, info=f"fitness {s.best_fitness:.3f} train acc "
-                            f"{100 * s.train_acc:.1f}%{held} {s.vendor_calls} calls{price}")
-
-        try:
-            result = fit(box, hold, train.labels[tr], train.labels[ho] if hold else None, cfg, on_generation=show)
-        except (BudgetExhausted, ValueError, NotImplementedError, TypeError) as e:
-            raise fail(str(e)) from None
-    if price_per_1k is not None:
-        result.adapter.fit["estimated_price"] = round(meter.vendor_calls / 1000 * price_per_1k, 4)
-        result.adapter.fit["price_per_1k_calls"] = price_per_1k
-    result.adapter.save(output)
-    log = {"wall_time_s": round(result.wall_time_s, 3), "vendor_time_s": round(result.vendor_time_s, 3),
-           "meter": meter.summary(), "history": result.history}
-    output.with_name(output.name + ".fitlog.json").write_text(json.dumps(log, indent=1) + "\n")
-    return result
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise fail(f"--vendor must be an http(s) URL, got {redact_url(url)!r}")
+    if parts.username or parts.password:
+        raise fail("put the vendor key in an environment variable (--key-env) or a file (--key-file), not in the "
+                   "--vendor URL")
+    return HttpZeroShotVendor(url, headers=auth_headers(key, header, scheme), timeout=timeout)
 
 
-def _config_from(ctx: click.Context, config: Path | None, values: dict) -> FitConfig:
-    """Defaults, then the config file, then options given on the command line."""
+def _config_from(ctx: click.Context, config: Path | None, values: dict, saved: dict | None = None) -> FitConfig:
+    """Defaults (or, resuming, the settings the fit was started with), then the config file, then options given
+    on the command line."""
     names = {f.name for f in fields(FitConfig)}
     if values.get("prompt") not in ("soft", "text"):
         raise fail(f"--prompt must be auto, soft or text, got {values.get('prompt')!r}")
-    given = {k: v for k, v in values.items()
-             if k in names and ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    given = {k: v for k, v in values.items() if k in names and _given(ctx, k)}
     try:
-        if config is not None:
-            return FitConfig.from_file(config, **given)
-        return FitConfig(**{k: v for k, v in values.items() if k in names})
+        if config is None and saved is None:
+            return FitConfig(**{k: v for k, v in values.items() if k in names})
+        base = dict(saved) if saved is not None else {}
+        if saved is not None and values.get("prompt_given") is False:
+            given.pop("prompt", None)
+        return FitConfig(**{**base, **(FitConfig.read_file(config) if config else {}), **given})
     except (ValueError, OSError, TypeError) as e:
         raise fail(f"bad fit settings: {e}") from None
+
+
+def _vendor_key(opts: dict) -> Secret | None:
+    from .serve.server_config import DEFAULT_KEY_ENV, read_key
+
+    return read_key(opts["key_env"] or DEFAULT_KEY_ENV, str(opts["key_file"] or ""))
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+
+
+# How a fit was invoked, kept in its manifest so that ``fit -o ADAPTER --resume`` needs nothing else.
+INVOCATION = ("data", "model", "weights", "vendor", "cache", "key_env", "key_file", "auth_header", "auth_scheme",
+              "price_per_1k")
+
+
+def _invocation(opts: dict) -> dict:
+    from .serve.http_vendors import redact_url
+
+    inv = {k: (str(opts[k].resolve()) if isinstance(opts[k], Path) else opts[k]) for k in INVOCATION}
+    if opts["vendor"]:
+        inv["vendor"] = redact_url(opts["vendor"])  # a query string may carry a key: never written
+        inv["vendor_had_query"] = redact_url(opts["vendor"]) != opts["vendor"]
+    return inv
+
+
+def _resumed_options(ctx: click.Context, opts: dict, inv: dict) -> dict:
+    """``opts`` with every invocation option not given on the command line taken from the manifest."""
+    if inv.get("vendor_had_query") and not _given(ctx, "vendor"):
+        raise fail("pass --vendor URL again to resume: its query string was not recorded")
+    out = dict(opts)
+    for k in INVOCATION:
+        if k in inv and not _given(ctx, k):
+            out[k] = Path(inv[k]) if k in ("data", "weights", "cache", "key_file") and inv[k] else inv[k]
+    return out
 
 
 def register(app: typer.Typer) -> None:
@@ -118,6 +137,31 @@ def register(app: typer.Typer) -> None:
         config: Annotated[Path | None, typer.Option(help="JSON or TOML file of hyperparameters; "
                                                     "options given here override it.")] = None,
         overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+        cache: Annotated[Path | None, typer.Option(
+            help="SQLite query cache: paid answers are kept here and never paid for twice. Default: "
+            "craft-adapter-cache.sqlite beside the output.", show_default=False, rich_help_panel=RUN)] = None,
+        no_cache: Annotated[bool, typer.Option("--no-cache", help="Keep no answers on disk (no --resume).",
+                                               rich_help_panel=RUN)] = False,
+        resume: Annotated[bool, typer.Option(
+            help="Continue the interrupted fit to --output: same settings (omitted options come from its "
+            "<output>.fitrun.json), answers paid before come from the cache.", rich_help_panel=RUN)] = False,
+        retries: Annotated[int, typer.Option(help="Retries per vendor call on transient faults (timeouts, 429, "
+                                             "5xx, garbled replies).", rich_help_panel=RUN)] = 5,
+        retry_backoff: Annotated[float, typer.Option(help="Seconds before the first retry, doubling (jittered); "
+                                                     "a Retry-After hint wins.", rich_help_panel=RUN)] = 0.5,
+        max_failed_calls: Annotated[int | None, typer.Option(
+            help="Stop after this many failed vendor calls in all; default 10% of the budget.", show_default=False,
+            rich_help_panel=RUN)] = None,
+        timeout: Annotated[float, typer.Option(help="Seconds per --vendor call.", rich_help_panel=RUN)] = 60.0,
+        key_env: Annotated[str | None, typer.Option(
+            help="Environment variable holding the --vendor API key [default: CRAFT_VENDOR_API_KEY].",
+            show_default=False, rich_help_panel=RUN)] = None,
+        key_file: Annotated[Path | None, typer.Option(help="File holding the --vendor API key (wins over --key-env).",
+                                                      rich_help_panel=RUN)] = None,
+        auth_header: Annotated[str, typer.Option(help="Header that carries the key.", rich_help_panel=RUN)]
+        = "Authorization",
+        auth_scheme: Annotated[str, typer.Option(help="Scheme before the key; empty sends it bare.",
+                                                 rich_help_panel=RUN)] = "Bearer",
         shots: Annotated[int, typer.Option(help="Images per class.", rich_help_panel=HP)] = 16,
         seed: Annotated[int, typer.Option(help="Seed for sampling, projection, CMA-ES, refiner.",
                                           rich_help_panel=HP)] = 1,
@@ -168,22 +212,48 @@ def register(app: typer.Typer) -> None:
                                                          rich_help_panel=HP)] = None,
     ) -> None:
         """Learn an adapter (prompt + refiner) for a few-shot image folder against a black-box backend."""
-        if output.exists() and not overwrite:
+        from .cache import CacheError, QueryCache
+        from .resume import FitRun, ResumeError, manifest_path
+
+        opts, saved = dict(ctx.params), None
+        if resume:
+            if no_cache:
+                raise fail("--resume replays the fit from its query cache; it cannot run with --no-cache")
+            if output.exists():
+                raise fail(f"{output} is complete: nothing to resume (--overwrite without --resume fits again)")
+            try:
+                saved = FitRun.load(manifest_path(output))
+            except ResumeError as e:
+                raise fail(str(e)) from None
+            opts = _resumed_options(ctx, opts, saved.invocation)
+        elif output.exists() and not overwrite:
             raise fail(f"{output} exists; pass --overwrite to replace it or -o to write elsewhere")
         if not output.parent.is_dir():
             raise fail(f"output folder {output.parent} does not exist")
-        _config_from(ctx, config, {**ctx.params, "prompt": "soft" if prompt == "auto" else prompt})  # fail early
-        backend = load_vendor(vendor) if vendor else load_backend(model, weights, device)
+        base = None if saved is None else saved.config
+        values = {**opts, "prompt": "soft" if prompt == "auto" else prompt, "prompt_given": prompt != "auto"}
+        early = _config_from(ctx, config, values, base)  # fail early, before loading a model
+        try:
+            key = _vendor_key(opts) if opts["vendor"] else None
+        except ValueError as e:
+            raise fail(str(e)) from None
+        backend = (load_vendor(opts["vendor"], key, opts["auth_header"], opts["auth_scheme"], early.timeout)
+                   if opts["vendor"] else load_backend(opts["model"], opts["weights"], device))
         if prompt == "auto":
-            prompt = "soft" if backend.capabilities.soft_prompts else "text"
-        cfg = _config_from(ctx, config, {**ctx.params, "prompt": prompt})
-        result = run_fit(cfg, backend, data, output, price_per_1k)
-        f = result.adapter.fit
-        held = "n/a" if f["holdout_acc"] is None else f"{100 * f['holdout_acc']:.1f}%"
-        price = f", about ${f['estimated_price']:.2f}" if "estimated_price" in f else ""
-        out.print(f"wrote [bold]{output}[/] ({output.stat().st_size} bytes): {f['queries']} queries, "
-                  f"{f['vendor_calls']} vendor calls{price} (budget {f['budget']} {cfg.budget_unit}), held-out "
-                  f"accuracy {held}, {result.wall_time_s:.1f}s; prompt {result.adapter.template!r}")
+            prompt = saved.config["prompt"] if saved else "soft" if backend.capabilities.soft_prompts else "text"
+        cfg = _config_from(ctx, config, {**values, "prompt": prompt}, base)
+        cache_path = opts["cache"] or output.parent / "craft-adapter-cache.sqlite"
+        try:
+            store = None if no_cache else QueryCache(cache_path)
+        except CacheError as e:
+            raise fail(str(e)) from None
+        try:
+            result = run_fit(cfg, backend, opts["data"], output, opts["price_per_1k"], store, saved,
+                             _invocation({**opts, "cache": None if no_cache else cache_path}))
+        finally:
+            if store is not None:
+                store.close()
+        _summary(output, result, cfg)
 
     @app.command("demo")
     def demo_cmd(
@@ -195,13 +265,15 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The reference job end to end: zero-shot, a 16-shot CraFT fit, and the adapted accuracy."""
         from .boundary import BlackBox, QueryMeter
+        from .cache import QueryCache
         from .evaluate import evaluate_adapter
 
         t0 = time.perf_counter()
         output.parent.mkdir(parents=True, exist_ok=True)
         backend = load_backend(DEFAULT_MODEL, None, device)
         cfg = FitConfig(shots=16, seed=seed, budget=budget)
-        result = run_fit(cfg, backend, None, output)
+        with QueryCache(output.parent / "craft-adapter-cache.sqlite") as cache:  # a second demo replays for free
+            result = run_fit(cfg, backend, None, output, cache=cache)
         test = load_test_set(None)
         box = BlackBox(backend, test.images, test.class_names, QueryMeter())
         with err.status(f"evaluating on {len(test)} shifted test images"):
