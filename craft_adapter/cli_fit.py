@@ -7,7 +7,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-import click
 import typer
 
 from .cli_common import (
@@ -63,7 +62,7 @@ def load_vendor(url: str, key: Secret | None = None, header: str = "Authorizatio
     return HttpZeroShotVendor(url, headers=auth_headers(key, header, scheme), timeout=timeout)
 
 
-def _config_from(ctx: click.Context, config: Path | None, values: dict, saved: dict | None = None) -> FitConfig:
+def _config_from(ctx: typer.Context, config: Path | None, values: dict, saved: dict | None = None) -> FitConfig:
     """Defaults (or, resuming, the settings the fit was started with), then the config file, then options given
     on the command line."""
     names = {f.name for f in fields(FitConfig)}
@@ -73,7 +72,7 @@ def _config_from(ctx: click.Context, config: Path | None, values: dict, saved: d
     try:
         if config is None and saved is None:
             return FitConfig(**{k: v for k, v in values.items() if k in names})
-        base = dict(saved) if saved is not None else {}
+        base = dict(saved) if saved is not None else {"prompt": values["prompt"]}  # auto, resolved: a default
         if saved is not None and values.get("prompt_given") is False:
             given.pop("prompt", None)
         return FitConfig(**{**base, **(FitConfig.read_file(config) if config else {}), **given})
@@ -87,8 +86,10 @@ def _vendor_key(opts: dict) -> Secret | None:
     return read_key(opts["key_env"] or DEFAULT_KEY_ENV, str(opts["key_file"] or ""))
 
 
-def _given(ctx: click.Context, name: str) -> bool:
-    return ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+def _given(ctx: typer.Context, name: str) -> bool:
+    # by name: typer >= 0.20 carries its own copy of click, whose ParameterSource is not click's
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
 
 
 # How a fit was invoked, kept in its manifest so that ``fit -o ADAPTER --resume`` needs nothing else.
@@ -106,7 +107,7 @@ def _invocation(opts: dict) -> dict:
     return inv
 
 
-def _resumed_options(ctx: click.Context, opts: dict, inv: dict) -> dict:
+def _resumed_options(ctx: typer.Context, opts: dict, inv: dict) -> dict:
     """``opts`` with every invocation option not given on the command line taken from the manifest."""
     if inv.get("vendor_had_query") and not _given(ctx, "vendor"):
         raise fail("pass --vendor URL again to resume: its query string was not recorded")
@@ -150,7 +151,7 @@ def register(app: typer.Typer) -> None:
         retry_backoff: Annotated[float, typer.Option(help="Seconds before the first retry, doubling (jittered); "
                                                      "a Retry-After hint wins.", rich_help_panel=RUN)] = 0.5,
         max_failed_calls: Annotated[int | None, typer.Option(
-            help="Stop after this many failed vendor calls in all; default 10% of the budget.", show_default=False,
+            help="Stop after this many failed vendor calls in all; default half the budget.", show_default=False,
             rich_help_panel=RUN)] = None,
         timeout: Annotated[float, typer.Option(help="Seconds per --vendor call.", rich_help_panel=RUN)] = 60.0,
         key_env: Annotated[str | None, typer.Option(

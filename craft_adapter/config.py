@@ -47,7 +47,7 @@ class FitConfig:
     rate_limit: float | None = None  # scoring vendors: calls per second
     retries: int = 5  # per vendor call, on transient faults (timeouts, 429, 5xx, garbled replies)
     retry_backoff: float = 0.5  # seconds before the first retry, doubling each time (jittered, capped at 30)
-    max_failed_calls: int | None = None  # stop after this many failed calls in all; None: 10% of the budget
+    max_failed_calls: int | None = None  # stop after this many failed calls in all; None: half the budget
     timeout: float = 60.0  # seconds per HTTP vendor call
     # prediction refinement module
     hidden: int = 256
@@ -119,8 +119,11 @@ class FitConfig:
 
     @property
     def failure_cap(self) -> int:
-        """Failed vendor calls tolerated in all before the fit stops: ``max_failed_calls``, or 10% of the budget."""
-        return self.max_failed_calls if self.max_failed_calls is not None else max(20, self.query_budget // 10)
+        """Failed vendor calls tolerated in all before the fit stops: ``max_failed_calls``, or half the budget.
+
+        A vendor failing 20% of calls needs 25% more attempts than answers; half the budget leaves room for that.
+        """
+        return self.max_failed_calls if self.max_failed_calls is not None else max(50, self.query_budget // 2)
 
     @classmethod
     def read_file(cls, path: str | Path) -> dict[str, Any]:
