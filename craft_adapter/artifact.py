@@ -2,12 +2,17 @@
 
 Tensors are data only (safetensors, no pickle). Metadata is JSON under the ``craft_adapter`` key of the
 safetensors string map. This module needs numpy and safetensors only, so the torch-free runtime uses it.
+
+Adapter files travel between teams, so loading trusts nothing: the file size, the safetensors header (its
+length, JSON, nesting, tensor table, dtypes, shapes against the class count, and data offsets) and the metadata
+(types and sizes) are all checked before ``safetensors`` allocates a single tensor. Every failure is an
+:class:`AdapterError` naming the problem. Those checks, the limits and the format's fixed names live in
+:mod:`craft_adapter.artifact_checks`; this module re-exports them, so importers need only ``artifact``.
 """
 
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -16,20 +21,46 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-FORMAT_VERSION = 1
-METADATA_KEY = "craft_adapter"
-MAX_FILE_BYTES = 64 << 20  # a 10,000-class refiner is about 20 MB
-MAX_HEADER_BYTES = 1 << 20
+from .artifact_checks import (
+    CTX_KEY,
+    FORMAT_VERSION,
+    MAX_ABS_VALUE,
+    MAX_CLASSES,
+    MAX_CTX_TOKENS,
+    MAX_CTX_WIDTH,
+    MAX_FILE_BYTES,
+    MAX_HEADER_BYTES,
+    MAX_HIDDEN,
+    MAX_JSON_DEPTH,
+    MAX_METADATA_BYTES,
+    MAX_METADATA_ENTRIES,
+    MAX_TENSORS,
+    MAX_TEXT_CHARS,
+    METADATA_KEY,
+    REFINER_KEYS,
+    TENSOR_KEYS,
+    AdapterError,
+    TensorEntry,
+    bounded,
+    check_tensor_table,
+    metadata_fields,
+    parse_json,
+    read_adapter_bytes,
+    read_header,
+)
+
+__all__ = [  # the checks' names are re-exported: modules import them from here
+    "CTX_KEY", "FORMAT_VERSION", "LOG_FLOOR", "MAX_ABS_VALUE", "MAX_CLASSES", "MAX_CTX_TOKENS", "MAX_CTX_WIDTH",
+    "MAX_FILE_BYTES", "MAX_HEADER_BYTES", "MAX_HIDDEN", "MAX_JSON_DEPTH", "MAX_METADATA_BYTES", "MAX_METADATA_ENTRIES",
+    "MAX_TENSORS", "MAX_TEXT_CHARS", "METADATA_KEY", "REFINER_KEYS", "TENSOR_KEYS", "Adapter", "AdapterError",
+    "LogitKind", "Mode", "TensorEntry", "bounded", "check_tensor_table", "metadata_fields", "parse_json",
+    "read_adapter_bytes", "read_header", "refiner_input",
+]
+
 LOG_FLOOR = np.float32(1e-12)
-REFINER_KEYS = ("refiner.fc1.weight", "refiner.fc1.bias", "refiner.fc2.weight", "refiner.fc2.bias")
-CTX_KEY = "prompt.ctx"
 
 Mode = Literal["soft", "text"]
 LogitKind = Literal["logits", "probabilities"]
-
-
-class AdapterError(ValueError):
-    """An adapter file is missing, malformed, or does not match what it is used with."""
 
 
 def refiner_input(scores: np.ndarray, kind: str) -> np.ndarray:
@@ -81,6 +112,8 @@ class Adapter:
         names = self.class_names
         if not isinstance(names, list) or not names or not all(isinstance(c, str) and c for c in names):
             raise AdapterError("class_names must be a non-empty list of non-empty strings")
+        if len(names) > MAX_CLASSES:
+            raise AdapterError(f"{len(names)} classes, over the limit of {MAX_CLASSES}")
         if len(set(names)) != len(names):
             raise AdapterError("class_names contains duplicates")
         if not isinstance(self.template, str) or self.template.count("{}") != 1:
@@ -94,6 +127,8 @@ class Adapter:
         if missing:
             raise AdapterError(f"adapter is missing refiner tensors {missing}")
         c, h = self.n_classes, self.refiner["refiner.fc1.weight"].shape[0]
+        if not 1 <= h <= MAX_HIDDEN:
+            raise AdapterError(f"refiner hidden width {h} is outside 1..{MAX_HIDDEN}")
         want = {"refiner.fc1.weight": (h, c), "refiner.fc1.bias": (h,),
                 "refiner.fc2.weight": (c, h), "refiner.fc2.bias": (c,)}
         for k, shape in want.items():
@@ -101,13 +136,12 @@ class Adapter:
             if t.shape != shape:
                 raise AdapterError(f"tensor {k} has shape {tuple(t.shape)}, expected {shape} "
                                    f"for {c} classes and hidden {h}")
-            if t.dtype != np.float32 or not np.isfinite(t).all():
-                raise AdapterError(f"tensor {k} must be finite float32")
-        if self.mode == "soft":
-            if self.ctx is None or self.ctx.ndim != 2 or self.ctx.dtype != np.float32:
-                raise AdapterError("a soft-mode adapter needs a float32 prompt.ctx tensor [n_ctx, width]")
-            if not np.isfinite(self.ctx).all():
-                raise AdapterError("prompt.ctx is not finite")
+            if t.dtype != np.float32 or not bounded(t):
+                raise AdapterError(f"tensor {k} must be finite float32 with |values| <= {MAX_ABS_VALUE:g}")
+        if self.mode == "soft" and (self.ctx is None or self.ctx.ndim != 2 or self.ctx.dtype != np.float32):
+            raise AdapterError("a soft-mode adapter needs a float32 prompt.ctx tensor [n_ctx, width]")
+        if self.ctx is not None and not bounded(self.ctx):
+            raise AdapterError(f"prompt.ctx is not finite or has |values| > {MAX_ABS_VALUE:g}")
 
     def metadata(self) -> dict[str, Any]:
         """The JSON metadata stored in the file."""
@@ -145,59 +179,23 @@ class Adapter:
 
     @classmethod
     def from_bytes(cls, raw: bytes, source: str = "adapter") -> Adapter:
-        """Parse and validate an adapter from bytes."""
-        meta = _read_metadata(raw, source)
+        """Parse and validate an adapter from bytes; every check before allocation comes first."""
+        if len(raw) > MAX_FILE_BYTES:
+            raise AdapterError(f"{source} is {len(raw)} bytes, over the {MAX_FILE_BYTES}-byte limit for an adapter")
+        meta_map, table = read_header(raw, source)
+        fields = metadata_fields(parse_json(meta_map[METADATA_KEY], "craft_adapter metadata", source), source)
+        check_tensor_table(table, len(fields["class_names"]), source)
         try:
             tensors = st_load(raw)
         except Exception as e:  # safetensors raises its own error types for corrupt payloads
             raise AdapterError(f"{source}: corrupt tensor data ({e})") from None
-        try:
-            prompt, logits = meta["prompt"], meta["logits"]
-            adapter = cls(
-                class_names=meta["class_names"], template=prompt["template"], mode=meta["mode"],
-                logit_kind=logits["kind"], logit_scale=float(logits["scale"]),
-                refiner={k: tensors[k] for k in REFINER_KEYS if k in tensors},
-                backend=dict(meta.get("backend", {})), fit=dict(meta.get("fit", {})),
-                ctx=tensors.get(CTX_KEY), prompt_reading=str(prompt.get("learned_reading", "")),
-                format_version=int(meta["format_version"]),
-            )
-        except (KeyError, TypeError) as e:
-            raise AdapterError(f"{source}: metadata is missing or has a malformed field ({e})") from None
-        extra = set(tensors) - set(REFINER_KEYS) - {CTX_KEY}
-        if extra:
-            raise AdapterError(f"{source}: unexpected tensors {sorted(extra)}")
-        return adapter
+        got = {k: (v.dtype, v.shape) for k, v in tensors.items()}
+        if got != {k: (np.dtype(np.float32), t.shape) for k, t in table.items()}:  # never expected: belt and braces
+            raise AdapterError(f"{source}: safetensors read {got}, which disagrees with the checked header")
+        return cls(refiner={k: tensors[k] for k in REFINER_KEYS}, ctx=tensors.get(CTX_KEY), **fields)
 
     @classmethod
     def load(cls, path: str | Path) -> Adapter:
         """Read and validate an adapter file."""
         path = Path(path)
-        if not path.is_file():
-            raise AdapterError(f"adapter file {path} does not exist")
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise AdapterError(f"{path} is {size} bytes, over the {MAX_FILE_BYTES}-byte limit for an adapter")
-        return cls.from_bytes(path.read_bytes(), str(path))
-
-
-def _read_metadata(raw: bytes, source: str) -> dict[str, Any]:
-    """The craft_adapter JSON from a safetensors header, read before any tensor is touched."""
-    if len(raw) < 8:
-        raise AdapterError(f"{source}: not a safetensors file (too short)")
-    (n,) = struct.unpack("<Q", raw[:8])
-    if n > MAX_HEADER_BYTES or n > len(raw) - 8:
-        raise AdapterError(f"{source}: safetensors header length {n} is invalid or over the limit")
-    try:
-        header = json.loads(raw[8:8 + n])
-        meta = json.loads(header["__metadata__"][METADATA_KEY])
-    except (ValueError, KeyError, TypeError):
-        raise AdapterError(f"{source}: no craft_adapter metadata; is this an adapter file?") from None
-    if not isinstance(meta, dict):
-        raise AdapterError(f"{source}: craft_adapter metadata is not a JSON object")
-    version = meta.get("format_version")
-    if not isinstance(version, int):
-        raise AdapterError(f"{source}: metadata has no integer format_version")
-    if version > FORMAT_VERSION:
-        raise AdapterError(f"{source}: adapter format_version {version} is newer than this craft-adapter "
-                           f"reads ({FORMAT_VERSION}); upgrade craft-adapter")
-    return meta
+        return cls.from_bytes(read_adapter_bytes(path), str(path))

@@ -1,6 +1,7 @@
 """Refiner -> ONNX: trace the torch refiner, check the graph, prove parity on onnxruntime, then write.
 
-Nothing is written unless ``onnx.checker`` passes and onnxruntime matches the torch refiner within ``atol`` at
+Nothing is written unless ``onnx.checker`` and the runtime's own refiner check
+(:mod:`craft_adapter.serve.onnx_check`) pass and onnxruntime matches the torch refiner within ``atol`` at
 every checked batch size. The difference from the artifact's numpy reference forward is reported too.
 """
 
@@ -15,8 +16,9 @@ import numpy as np
 import onnx
 import torch
 
-from ..artifact import Adapter, refiner_input
+from ..artifact import Adapter, AdapterError, refiner_input
 from ..refiner import Refiner
+from ..serve.onnx_check import check_refiner_onnx
 from ..serve.onnx_graph import BATCH_DIM, INPUT_NAME, OUTPUT_NAMES, metadata_props
 from ..serve.session import make_session
 
@@ -127,6 +129,10 @@ def export_onnx(adapter: Adapter | str | Path, out: str | Path | None = None, op
         raise ExportError("give an output path for an in-memory adapter")
     out = Path(out)
     model_bytes = trace_refiner(adapter, opset).SerializeToString()
+    try:
+        check_refiner_onnx(model_bytes, str(out))  # write only what the runtime's loader accepts
+    except AdapterError as e:
+        raise ExportError(f"the traced graph is not one the runtime loads: {e}") from None
     diffs = check_parity(model_bytes, adapter, batches)
     worst = max(diffs["torch"].values())
     if not worst <= atol:  # also catches NaN

@@ -1,13 +1,13 @@
 """A shipped adapter, loaded for serving: its prompt and class list, and its refiner on onnxruntime.
 
 Both files a user can ship load here. An exported ``.onnx`` carries the adapter's metadata in its
-``metadata_props`` and needs only onnxruntime. A ``.safetensors`` adapter is built into the same ONNX graph
-in memory (``onnx.helper``, no torch), so both run on the same engine with the same numerics.
+``metadata_props`` and needs only onnxruntime; it is verified to be exactly the exported refiner graph
+(:mod:`.onnx_check`) before onnxruntime reads those same bytes. A ``.safetensors`` adapter is built into the
+same ONNX graph in memory (``onnx.helper``, no torch), so both run on the same engine with the same numerics.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from craft_adapter.artifact import FORMAT_VERSION, MAX_FILE_BYTES, METADATA_KEY, Adapter, AdapterError, refiner_input
+from craft_adapter.artifact import Adapter, AdapterError, metadata_fields, read_adapter_bytes, refiner_input
 
+from .onnx_check import check_refiner_onnx
 from .onnx_graph import INPUT_NAME, OUTPUT_NAMES, build_refiner_onnx
 from .session import make_session
 
@@ -57,43 +58,25 @@ class ShippedAdapter:
         if path.suffix == ".safetensors":
             adapter = Adapter.load(path)
             session = make_session(build_refiner_onnx(adapter), device)
-            return cls._from_metadata(adapter.metadata(), session, adapter.ctx, str(path))
+            fields = metadata_fields(adapter.metadata(), str(path))
+            return cls._from_fields(fields, session, adapter.ctx, str(path))
         if path.suffix != ".onnx":
             raise AdapterError(f"{path}: an adapter is a .safetensors file or an exported .onnx refiner")
-        if not path.is_file():
-            raise AdapterError(f"adapter file {path} does not exist")
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise AdapterError(f"{path} is over the {MAX_FILE_BYTES}-byte limit for an adapter")
+        raw = read_adapter_bytes(path)
+        fields = check_refiner_onnx(raw, str(path))  # onnxruntime sees only a verified refiner graph
         try:
-            session = make_session(str(path), device)
+            session = make_session(raw, device)
         except Exception as e:  # onnxruntime raises its own types for unreadable models
-            raise AdapterError(f"{path}: onnxruntime cannot load it ({e}); re-export with craft-adapter export "
-                               "--onnx") from None
-        raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        if raw is None:
-            raise AdapterError(f"{path}: no {METADATA_KEY} metadata; export it with craft-adapter export --onnx")
-        try:
-            meta = json.loads(raw)
-        except ValueError:
-            raise AdapterError(f"{path}: its {METADATA_KEY} metadata is not valid JSON") from None
-        return cls._from_metadata(meta, session, None, str(path))
+            raise AdapterError(f"{path}: onnxruntime cannot load it ({str(e)[:300]}); re-export with craft-adapter "
+                               "export --onnx") from None
+        return cls._from_fields(fields, session, None, str(path))
 
     @classmethod
-    def _from_metadata(cls, meta: Any, session: ort.InferenceSession, ctx: np.ndarray | None,
-                       source: str) -> ShippedAdapter:
-        if not isinstance(meta, dict) or not isinstance(meta.get("format_version"), int):
-            raise AdapterError(f"{source}: metadata has no integer format_version")
-        version = meta["format_version"]
-        if version > FORMAT_VERSION:
-            raise AdapterError(f"{source}: adapter format_version {version} is newer than this craft-adapter "
-                               f"reads ({FORMAT_VERSION}); upgrade craft-adapter")
-        try:
-            shipped = cls(class_names=list(meta["class_names"]), template=str(meta["prompt"]["template"]),
-                          mode=str(meta["mode"]), logit_kind=str(meta["logits"]["kind"]),
-                          logit_scale=float(meta["logits"]["scale"]), format_version=version,
-                          session=session, ctx=ctx, source=source)
-        except (KeyError, TypeError, ValueError) as e:
-            raise AdapterError(f"{source}: metadata is missing or has a malformed field ({e})") from None
+    def _from_fields(cls, fields: dict[str, Any], session: ort.InferenceSession, ctx: np.ndarray | None,
+                     source: str) -> ShippedAdapter:
+        shipped = cls(class_names=list(fields["class_names"]), template=fields["template"], mode=fields["mode"],
+                      logit_kind=fields["logit_kind"], logit_scale=fields["logit_scale"],
+                      format_version=fields["format_version"], session=session, ctx=ctx, source=source)
         shipped._validate()
         return shipped
 

@@ -62,6 +62,28 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _require_weights_only(model: str, weights_file: Path | None) -> None:
+    """Refuse a pickled weights file (``.bin``/``.pth``) that ``torch.load(weights_only=True)`` cannot read.
+
+    open_clip reads such files with ``weights_only=True``, but when that raises ``TypeError`` (a crafted file can
+    make it) it retries without the flag: a full unpickle on torch < 2.6 or with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD.
+    A file that passes this identical call never reaches that retry. In a local-dir: folder every candidate is checked.
+    """
+    if weights_file is None:
+        return
+    in_folder = model.startswith("local-dir:")  # open_clip picks among *.safetensors, *.bin, *.pth there
+    files = sorted(p for p in weights_file.parent.iterdir() if p.suffix in (".bin", ".pth")) if in_folder else [
+        weights_file]
+    for path in files:
+        if path.suffix in (".safetensors", ".npz", ".npy"):
+            continue  # read by safetensors, or by numpy without allow_pickle: never torch.load
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise BackendError(f"{path} is not plain tensors (torch.load with weights_only=True: {str(e)[:200]}); "
+                               "use a .safetensors file") from None
+
+
 class OpenClipBackend:
     """Any open_clip CLIP, loaded from local files only, answering embedding-style requests.
 
@@ -74,6 +96,7 @@ class OpenClipBackend:
         self.device = pick_device(device)
         self.batch_size = batch_size
         weights_file = self._resolve_weights(model, weights, allow_random_init)
+        _require_weights_only(model, weights_file)
         self._model, _, self._preprocess = open_clip.create_model_and_transforms(
             model, pretrained=str(weights_file) if weights_file and not model.startswith("local-dir:") else None,
             device=self.device, load_weights=weights_file is not None,
