@@ -88,3 +88,24 @@ def test_builtin_name_with_local_weights_file(tiny_model_dir, tmp_path):
     b = OpenClipBackend("RN50", weights=w, device="cpu")
     assert b.identity["model"] == "RN50" and b.identity["weights_sha256"] != "random-init"
     assert b.embed_texts(["a photo of a cat."]).shape == (1, 1024)
+
+
+def test_local_dir_records_the_hash_of_the_file_open_clip_loads(tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = {k: v + 1 for k, v in load_file(str(folder / "open_clip_model.safetensors")).items()}
+    torch.save(weights, folder / "aaa_other.bin")  # sorts first, but open_clip prefers the .safetensors
+    b = OpenClipBackend(f"local-dir:{folder}")
+    original = OpenClipBackend(f"local-dir:{tiny_model_dir}")
+    assert b.identity["weights_sha256"] == original.identity["weights_sha256"]
+    np.testing.assert_array_equal(b.embed_texts(["a cat"]), original.embed_texts(["a cat"]))
+    only_pt = tmp_path / "only-pt"
+    only_pt.mkdir()
+    shutil.copy(folder / "open_clip_config.json", only_pt)
+    torch.save(weights, only_pt / "weights.pt")  # open_clip never reads a .pt there: refused, not random
+    with pytest.raises(BackendError, match="would be random"):
+        OpenClipBackend(f"local-dir:{only_pt}")

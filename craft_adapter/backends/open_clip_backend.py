@@ -17,7 +17,6 @@ from PIL import Image
 from ..boundary import Capabilities
 
 log = logging.getLogger(__name__)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
 class BackendError(ValueError):
@@ -84,6 +83,18 @@ def _require_weights_only(model: str, weights_file: Path | None) -> None:
                                "use a .safetensors file") from None
 
 
+def _local_dir_checkpoint(folder: Path) -> Path | None:
+    """The weights file open_clip itself loads from a ``local-dir:`` folder, so the hash we record is of that file."""
+    find = getattr(open_clip.factory, "_find_checkpoint_in_dir", None)  # open_clip 3.x's own choice
+    if find is not None:
+        found = find(folder)
+        return Path(found) if found else None
+    found = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pth"))
+    if len(found) > 1:
+        raise BackendError(f"{folder} holds several weights files {[p.name for p in found]}; keep one")
+    return found[0] if found else None
+
+
 class OpenClipBackend:
     """Any open_clip CLIP, loaded from local files only, answering embedding-style requests.
 
@@ -117,12 +128,13 @@ class OpenClipBackend:
             folder = Path(model[len("local-dir:"):])
             if not (folder / "open_clip_config.json").is_file():
                 raise BackendError(f"{folder} has no open_clip_config.json; a local-dir: model folder needs one")
-            found = sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
             if weights is not None:
                 raise BackendError("pass weights inside the local-dir: folder, not with --weights")
-            if not found and not allow_random:
-                raise BackendError(f"{folder} holds no weights file (.safetensors/.bin/.pth)")
-            return found[0] if found else None
+            chosen = _local_dir_checkpoint(folder)
+            if chosen is None and not allow_random:
+                raise BackendError(f"{folder} holds no weights file that open_clip reads there (.safetensors, "
+                                   ".bin or .pth); without one the model would be random")
+            return chosen
         if model not in open_clip.list_models():
             raise BackendError(f"unknown open_clip architecture {model!r}; use a name from "
                                "open_clip.list_models() or local-dir:PATH")
