@@ -15,9 +15,10 @@ from pathlib import Path
 import craft_adapter  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 from craft_adapter.backends.open_clip_backend import OpenClipBackend
 from craft_adapter.boundary import BlackBox, QueryMeter
+from craft_adapter.cache import QueryCache
 from craft_adapter.config import FitConfig
 from craft_adapter.data import split_holdout
-from craft_adapter.fit import fit
+from craft_adapter.fit import FitResult, fit
 from craft_adapter.prompt import SoftPromptSearch
 from craft_adapter.reference import REFERENCE_VENDOR_DIR, reference_train
 
@@ -41,24 +42,35 @@ def timed_cma() -> dict[str, float]:
     return spent
 
 
-def main() -> None:
-    """Run the fits and print the split."""
+def setup() -> tuple[argparse.Namespace, OpenClipBackend, FitConfig]:
+    """``--repeats``/``--seed``, the reference vendor on the CPU, and the 16-shot 8000-query config."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     backend = OpenClipBackend(f"local-dir:{REFERENCE_VENDOR_DIR}", device="cpu")
-    cfg = FitConfig(shots=16, seed=args.seed, budget=8000)
-    train = reference_train(16, args.seed)
-    tr, ho = split_holdout(train.labels, cfg.n_holdout, args.seed)
+    return args, backend, FitConfig(shots=16, seed=args.seed, budget=8000)
+
+
+def reference_fit(backend: OpenClipBackend, cfg: FitConfig,
+                  cache: QueryCache | None = None) -> tuple[FitResult, QueryMeter]:
+    """One fit on the reference task's few-shot set for ``cfg``, optionally through a query cache."""
+    train = reference_train(cfg.shots, cfg.seed)
+    tr, ho = split_holdout(train.labels, cfg.n_holdout, cfg.seed)
+    meter = QueryMeter(cfg.query_budget)
+    box = BlackBox(backend, [train.images[i] for i in tr], train.class_names, meter, cache=cache)
+    hold = BlackBox(backend, [train.images[i] for i in ho], train.class_names, meter, cache=cache)
+    return fit(box, hold, train.labels[tr], train.labels[ho], cfg), meter
+
+
+def main() -> None:
+    """Run the fits and print the split."""
+    args, backend, cfg = setup()
     spent = timed_cma()
     runs = []
     for _ in range(args.repeats):
         spent["cma"] = 0.0
-        meter = QueryMeter(cfg.query_budget)
-        box = BlackBox(backend, [train.images[i] for i in tr], train.class_names, meter)
-        hold = BlackBox(backend, [train.images[i] for i in ho], train.class_names, meter)
-        res = fit(box, hold, train.labels[tr], train.labels[ho], cfg)
+        res, meter = reference_fit(backend, cfg)
         runs.append({"wall_s": res.wall_time_s, "backend_s": res.vendor_time_s, "cma_s": spent["cma"],
                      "queries": meter.queries})
         print(f"fit: {res.wall_time_s:.1f}s wall, backend {res.vendor_time_s:.1f}s, CMA-ES {spent['cma']:.1f}s",
