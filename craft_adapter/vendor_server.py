@@ -10,6 +10,8 @@ Endpoints, all JSON:
 - ``POST /embed/images`` ``{"inputs": [<base64 image>, ...]}`` and ``POST /embed/texts`` ``{"inputs": [text,
   ...]}``: answer ``{"embeddings": [[...], ...]}``, L2-normalised.
 - ``GET /info``: the model's identity, ``logit_scale`` and ``embed_dim``.
+- ``GET /stats``: ``{"calls": {"zero_shot": n, "embed_images": n, "embed_texts": n}}``, the POST requests received
+  per endpoint since start, counted on arrival (answered or not), so a test can count what a client paid for.
 
 Errors answer ``{"error": message}`` with status 400, 404, 413 or 500. Binds to 127.0.0.1 unless told otherwise.
 """
@@ -38,6 +40,8 @@ MAX_BODY_BYTES = 32 << 20
 MAX_INPUTS = 4096
 TEXT_CACHE_SIZE = 64
 IDLE_TIMEOUT_S = 60
+ENDPOINTS = {"/": "zero_shot", "/zero-shot-image-classification": "zero_shot", "/embed/images": "embed_images",
+             "/embed/texts": "embed_texts"}
 
 
 class RequestError(ValueError):
@@ -148,10 +152,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.path.rstrip("/") in ("/info", "/health"):
             self._reply(200, self.server.service.info())
+        elif self.path.rstrip("/") == "/stats":
+            self._reply(200, {"calls": self.server.call_counts()})
         else:
-            self._reply(404, {"error": f"no GET endpoint {self.path}; try GET /info"})
+            self._reply(404, {"error": f"no GET endpoint {self.path}; try GET /info or /stats"})
 
     def do_POST(self) -> None:  # noqa: N802
+        self.server.count_call(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY_BYTES:
             self.close_connection = True  # the body is not read, so the connection cannot be reused
@@ -187,9 +194,22 @@ class VendorHTTPServer(ThreadingHTTPServer):
     def __init__(self, service: VendorService, host: str = "127.0.0.1", port: int = 0,
                  verbose: bool = False) -> None:
         self.service, self.verbose = service, verbose
+        self.calls: dict[str, int] = dict.fromkeys(("zero_shot", "embed_images", "embed_texts"), 0)
+        self._calls_lock = threading.Lock()
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._connections_lock = threading.Lock()
         super().__init__((host, port), _Handler)
+
+    def count_call(self, path: str) -> None:
+        """Count one POST to ``path`` if it names an endpoint (on arrival, before it is answered)."""
+        if (endpoint := ENDPOINTS.get(path)) is not None:
+            with self._calls_lock:
+                self.calls[endpoint] += 1
+
+    def call_counts(self) -> dict[str, int]:
+        """A consistent copy of :attr:`calls`: POST requests received per endpoint."""
+        with self._calls_lock:
+            return dict(self.calls)
 
     def process_request_thread(self, request: socket.socket, client_address: Any) -> None:
         """Handle one connection, remembering it so :meth:`server_close` can end it."""

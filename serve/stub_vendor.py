@@ -4,6 +4,11 @@ It speaks the Hugging Face zero-shot protocol (``POST /``) like a real vendor, w
 scores: :func:`stub_probabilities` derives each label's logit from a hash of the image and the label, so the
 answer a client should get can be computed independently. ``GET /stats`` reports the calls it saw.
 
+Given an ``upstream`` URL (a real zero-shot endpoint) it is instead a fault-injecting proxy: every call that needs
+a real answer (``ok``, ``timeout`` once it has hung, and the kinds that damage an answer) forwards the request body
+unchanged to the upstream and starts from the upstream's answer. An upstream that fails passes its status and body
+through (counted in ``upstream_errors``).
+
 Faults, applied per call: first any scripted in :attr:`StubVendor.script` (in order), else with probability
 ``fault_rate`` one drawn from ``fault_kinds`` by a seeded generator. Kinds:
 
@@ -12,13 +17,14 @@ Faults, applied per call: first any scripted in :attr:`StubVendor.script` (in or
 - ``malformed``: a 200 whose body is not complete JSON; ``truncated``: a 200 that promises more bytes than it
   sends, then closes the connection;
 - ``wrong_labels``: a well-formed answer with one label renamed; ``missing_label``: one label left out;
-- ``not_probabilities``: every score doubled;
+- ``not_probabilities``: every score doubled; ``nan``: one score NaN (JSON ``NaN``, as Python's json writes it);
 - ``401``: HTTP 401 whose body echoes the ``Authorization`` header, as careless APIs do (a leak test).
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import random
 import threading
@@ -26,11 +32,13 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
 FAULT_KINDS = ("timeout", "500", "429", "malformed", "wrong_labels")
-ALL_FAULT_KINDS = (*FAULT_KINDS, "503", "truncated", "missing_label", "not_probabilities", "401")
+ALL_FAULT_KINDS = (*FAULT_KINDS, "503", "truncated", "missing_label", "not_probabilities", "nan", "401")
+UPSTREAM_TIMEOUT_S = 120.0
 
 
 def stub_probabilities(image_b64: str, labels: list[str]) -> np.ndarray:
@@ -50,13 +58,15 @@ class StubVendor(ThreadingHTTPServer):
     request_queue_size = 1024  # socketserver's default of 5 drops bursts of new connections (1 s SYN retries)
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_s: float = 0.0, fault_rate: float = 0.0,
-                 fault_kinds: tuple[str, ...] = FAULT_KINDS, hang_s: float = 2.0, retry_after: str = "1",
-                 seed: int = 0) -> None:
+                 fault_kinds: tuple[str, ...] = FAULT_KINDS, hang_s: float = 2.0, retry_after: str | float = "1",
+                 seed: int = 0, upstream: str | None = None) -> None:
         super().__init__((host, port), _Handler)
         self.latency_s, self.fault_rate, self.fault_kinds = latency_s, fault_rate, tuple(fault_kinds)
-        self.hang_s, self.retry_after = hang_s, retry_after
+        self.hang_s, self.retry_after = hang_s, str(retry_after)  # Retry-After may be fractional, e.g. "0.2"
+        self.upstream = upstream
         self.script: list[str] = []
         self.calls: Counter[str] = Counter()  # by what was answered: ok or the fault kind
+        self.upstream_errors = 0  # forwarded calls the upstream failed (its status passed through)
         self.last_headers: dict[str, str] = {}
         self.in_flight = self.max_in_flight = 0  # calls being answered now, and the most ever at once
         self._lock = threading.Lock()
@@ -83,6 +93,41 @@ class StubVendor(ThreadingHTTPServer):
             self.calls[kind] += 1
             return kind
 
+    def stats(self) -> dict[str, Any]:
+        """What ``GET /stats`` answers: calls by outcome, and upstream failures when proxying."""
+        with self._lock:
+            stats: dict[str, Any] = {"calls": dict(self.calls)}
+            if self.upstream:
+                stats["upstream_errors"] = self.upstream_errors
+            return stats
+
+
+class _Upstream:
+    """One keep-alive connection to the upstream endpoint, per handler thread (one per client connection)."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self._conn = cls(parts.hostname or "127.0.0.1", parts.port, timeout=UPSTREAM_TIMEOUT_S)
+
+    def post(self, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        """POST ``body`` upstream; the status and body of the answer (one reconnect if the connection went stale)."""
+        for attempt in range(2):
+            try:
+                self._conn.request("POST", self.path, body, headers)
+                response = self._conn.getresponse()
+                return response.status, response.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self._conn.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -100,7 +145,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self._send(200, json.dumps({"calls": dict(self.server.calls)}).encode())
+        self._send(200, json.dumps(self.server.stats()).encode())
 
     def do_POST(self) -> None:  # noqa: N802
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -136,15 +181,31 @@ class _Handler(BaseHTTPRequestHandler):
         elif kind == "429":
             self._send(429, b'{"error": "rate limited"}', {"Retry-After": self.server.retry_after})
             return
-        probs = stub_probabilities(image, labels)
-        answer: list[dict[str, Any]] = [{"label": lab, "score": float(p)} for lab, p in zip(labels, probs, strict=True)]
-        answer.sort(key=lambda e: -e["score"])
+        if self.server.upstream:
+            status, upstream_body = self._forward(raw)
+            if status != 200:
+                self._send(status, upstream_body)
+                return
+            if kind in ("ok", "timeout"):  # the answer as the upstream gave it, byte for byte
+                self._send(200, upstream_body)
+                return
+            try:
+                answer: list[dict[str, Any]] = json.loads(upstream_body)
+            except ValueError:
+                self._send(502, b'{"error": "the upstream did not answer JSON"}')
+                return
+        else:
+            probs = stub_probabilities(image, labels)
+            answer = [{"label": lab, "score": float(p)} for lab, p in zip(labels, probs, strict=True)]
+            answer.sort(key=lambda e: -e["score"])
         if kind == "wrong_labels":
             answer[-1]["label"] = answer[-1]["label"] + " (renamed)"
         elif kind == "missing_label":
             answer = answer[:-1]
         elif kind == "not_probabilities":
             answer = [{**e, "score": 2 * e["score"]} for e in answer]
+        elif kind == "nan":
+            answer[0] = {**answer[0], "score": float("nan")}
         data = json.dumps(answer).encode()
         if kind == "malformed":
             self._send(200, data[: len(data) // 2])
@@ -153,6 +214,31 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, data[: len(data) // 2], length=len(data))
         else:
             self._send(200, data)
+
+    def _forward(self, raw: bytes) -> tuple[int, bytes]:
+        """The upstream's status and body for this request body; a failure to reach it is a 502."""
+        if getattr(self, "_upstream", None) is None:
+            self._upstream = _Upstream(self.server.upstream)
+        headers = {"Content-Type": "application/json"}
+        if auth := self.headers.get("Authorization"):
+            headers["Authorization"] = auth
+        try:
+            status, body = self._upstream.post(raw, headers)
+        except (OSError, http.client.HTTPException) as e:
+            self._upstream.close()
+            status, body = 502, json.dumps({"error": f"upstream unreachable: {type(e).__name__}: {e}"}).encode()
+        if status != 200:
+            with self.server._lock:
+                self.server.upstream_errors += 1
+        return status, body
+
+    def finish(self) -> None:
+        """Close the upstream connection with the client's."""
+        try:
+            super().finish()
+        finally:
+            if getattr(self, "_upstream", None) is not None:
+                self._upstream.close()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         pass
@@ -176,15 +262,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fault-rate", type=float, default=0.0)
     ap.add_argument("--faults", default=",".join(FAULT_KINDS), help=f"comma-separated, of {ALL_FAULT_KINDS}")
     ap.add_argument("--hang", type=float, default=2.0, help="seconds a 'timeout' fault waits")
-    ap.add_argument("--retry-after", default="1")
+    ap.add_argument("--retry-after", default="1", help="the Retry-After of a 429, in seconds (may be fractional)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--upstream", default=None, help="a real zero-shot endpoint URL: be a fault-injecting proxy")
     args = ap.parse_args(argv)
     kinds = tuple(k for k in args.faults.split(",") if k)
     if unknown := set(kinds) - set(ALL_FAULT_KINDS):
         ap.error(f"unknown fault kinds {sorted(unknown)}")
     stub = StubVendor(args.host, args.port, args.latency, args.fault_rate, kinds, args.hang, args.retry_after,
-                      args.seed)
-    print(f"stub vendor at {stub.url}", flush=True)
+                      args.seed, args.upstream)
+    print(f"stub vendor at {stub.url}" + (f" (proxy to {args.upstream})" if args.upstream else ""), flush=True)
     try:
         stub.serve_forever()
     except KeyboardInterrupt:
