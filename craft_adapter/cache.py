@@ -117,7 +117,10 @@ class QueryCache:
         sql = "SELECT shape, value FROM answers WHERE backend=? AND kind=? AND prompt=? AND image=?"
         with self._lock:
             for key in dict.fromkeys(keys):
-                row = self._db.execute(sql, (backend, kind, *key)).fetchone()
+                try:
+                    row = self._db.execute(sql, (backend, kind, *key)).fetchone()
+                except sqlite3.Error as e:
+                    raise CacheError(f"cannot read the query cache {self.path} ({e})") from None
                 if row is not None:
                     arr = _decode(*row)
                     if arr is None:
@@ -132,13 +135,16 @@ class QueryCache:
         rows = [(backend, kind, p, i, json.dumps(list(a.shape)), np.ascontiguousarray(a, "<f4").tobytes(), now)
                 for (p, i), a in answers.items()]
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(_INSERT, rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany(_INSERT, rows)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:  # disk full, read-only file, locked for longer than the timeout
+                raise CacheError(f"cannot write to the query cache {self.path} ({e})") from None
 
     def stats(self) -> dict[str, Any]:
         """Entries, bytes and age per backend and kind, and the file size on disk."""

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .boundary import QueryMeter, ScoringBackend
-from .cache import BackendCache, digest, image_key
+from .cache import BackendCache, CacheError, digest, image_key
 from .vendor_calls import Caller, checked
 
 
@@ -65,6 +65,7 @@ class PairScorer:
         self.probabilities = backend.capabilities.returns == "probabilities"
         self.cache: dict[tuple[int, str], np.ndarray] = {}
         self._lock = threading.Lock()
+        self._abort: CacheError | None = None
 
     def missing(self, templates: Sequence[str], rows: Sequence[int]) -> list[tuple[int, str]]:
         """The pairs a request would have to pay for, each once, in a fixed order."""
@@ -82,13 +83,19 @@ class PairScorer:
     def _pay(self, pair: tuple[int, str]) -> None:
         i, template = pair
         c = len(self.class_names)
+        if self._abort is not None:  # an answer could not be kept: send nothing more
+            raise self._abort
 
         def send() -> object:
             self.limiter.acquire()
             return self.backend.score(self.images[i], self.class_names, template)
 
         scores = self.caller.call(send, lambda a: checked(a, (c,), self.probabilities), "a scoring call")
-        self.store.put("score", {self._key(pair): scores})  # kept on disk before it is used
+        try:
+            self.store.put("score", {self._key(pair): scores})  # kept on disk before it is used
+        except CacheError as e:
+            self._abort = e
+            raise
         self._keep(pair, scores)
 
     def scores(self, templates: Sequence[str], rows: Sequence[int]) -> np.ndarray:
@@ -107,7 +114,12 @@ class PairScorer:
                 self._pay(pair)
         else:
             with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-                for future in [pool.submit(self._pay, pair) for pair in todo]:
-                    future.result()  # re-raises a failed call once all are done; paid answers stay stored
+                futures = [pool.submit(self._pay, pair) for pair in todo]
+                try:
+                    for future in futures:
+                        future.result()  # re-raises a failed call
+                except BaseException:  # a fault, a full cache, Ctrl-C: send nothing more; calls in flight
+                    pool.shutdown(wait=True, cancel_futures=True)  # finish, and their answers are stored
+                    raise
         self.meter.queries += len(templates)
         return np.stack([np.stack([self.cache[(i, t)] for i in rows]) for t in templates])

@@ -31,6 +31,7 @@ def run_fit(cfg: FitConfig, backend: EmbeddingBackend | ScoringBackend, data: Pa
     output records what decides the result; with ``resume`` (a manifest read back) the fit must match it.
     """
     from .boundary import BlackBox, BudgetExhausted, QueryMeter
+    from .cache import CacheError
     from .data import split_holdout
     from .fit import fit
     from .resume import FitRun, manifest_path, train_digest
@@ -54,11 +55,15 @@ def run_fit(cfg: FitConfig, backend: EmbeddingBackend | ScoringBackend, data: Pa
     run.save(manifest_path(output))
     where = f" Everything paid so far is in the query cache {cache.path}; run the same command with --resume to " \
             "continue without paying for it again." if cache is not None else ""
-    with _progress(cfg, meter, price_per_1k) as show:
+    with _ProgressBar(cfg, meter, price_per_1k) as show:
         try:
             result = fit(box, hold, train.labels[tr], train.labels[ho] if hold else None, cfg, on_generation=show)
         except VendorUnavailable as e:
             raise fail(f"the vendor failed: {e}.{where}", EXIT_VENDOR) from None
+        except CacheError as e:  # an answer that cannot be kept is not used: stop before paying for more
+            raise fail(f"{e}; the fit stopped rather than use an answer it could not keep. The answers stored "
+                       "before are kept: fix the cause (disk space, permissions), then run the same command with "
+                       "--resume.") from None
         except KeyboardInterrupt:
             raise fail(f"interrupted.{where}", EXIT_INTERRUPTED) from None
         except (BudgetExhausted, ValueError, NotImplementedError, TypeError) as e:
@@ -76,7 +81,7 @@ def run_fit(cfg: FitConfig, backend: EmbeddingBackend | ScoringBackend, data: Pa
     return result
 
 
-class _progress:
+class _ProgressBar:
     """The fit's progress bar; ``with`` gives the per-generation callback."""
 
     def __init__(self, cfg: FitConfig, meter: Any, price_per_1k: float | None) -> None:

@@ -171,3 +171,18 @@ def test_options_on_the_command_line_win_over_the_config_file(tmp_path, data) ->
     r = CliRunner().invoke(app, [*base, "--budget", "2000"])  # accepted: it gets as far as calling the vendor
     assert r.exit_code == 3 and "cannot reach the vendor" in r.output, r.output
     assert json.loads((tmp_path / "a.safetensors.fitrun.json").read_text())["config"]["seed"] == 3
+
+
+def test_a_cache_that_cannot_be_written_stops_the_fit_cleanly(tmp_path, stub, data) -> None:
+    cache_path = tmp_path / "cache.sqlite"
+    QueryCache(cache_path).close()
+    import sqlite3
+
+    with sqlite3.connect(cache_path) as db:  # every insert fails, as on a full disk
+        db.execute("CREATE TRIGGER full BEFORE INSERT ON answers BEGIN SELECT RAISE(ABORT, 'database or disk is "
+                   "full'); END")
+    out = tmp_path / "a.safetensors"
+    r = fit(out, stub, data, "--cache", str(cache_path))
+    assert r.exit_code == 2 and "cannot write to the query cache" in r.output and "disk is full" in r.output
+    assert not out.exists()
+    assert 1 <= sum(stub.calls.values()) <= 4  # stopped at the first answer it could not keep (4 in flight)

@@ -140,3 +140,39 @@ def test_embedding_answers_are_checked_retried_cached_and_replayed(tmp_path) -> 
         assert (again_meter.queries, again_meter.vendor_calls) == (meter.queries, meter.vendor_calls)
         again.logits_text(["a {}.", "c {}."])  # one new template: only its texts are sent
         assert vendor.text_calls[-1] == ["c cat.", "c dog."] and again_meter.paid_calls == 1
+
+
+class InterruptedScorer:
+    """A scoring vendor the user interrupts (Ctrl-C) during its third call."""
+
+    capabilities = SimpleNamespace(style="scoring", text_prompts=True, soft_prompts=False, returns="probabilities")
+    identity = {"name": "interrupted"}
+
+    def __init__(self) -> None:
+        import threading
+
+        self.calls, self._lock = 0, threading.Lock()
+
+    def score(self, image, labels, template):
+        import time
+
+        with self._lock:
+            self.calls += 1
+            n = self.calls
+        time.sleep(0.01)
+        if n == 3:
+            raise KeyboardInterrupt
+        return np.full(len(labels), 1 / len(labels), np.float32)
+
+
+def test_an_interrupt_sends_nothing_more_and_keeps_what_was_paid(tmp_path) -> None:
+    from PIL import Image
+
+    vendor = InterruptedScorer()
+    images = [Image.new("L", (4, 4), v) for v in range(30)]
+    with QueryCache(tmp_path / "c.sqlite") as cache:
+        box = BlackBox(vendor, images, ["cat", "dog"], QueryMeter(), concurrency=4, cache=cache)
+        with pytest.raises(KeyboardInterrupt):
+            box.logits_text(["a {}.", "b {}."])  # 60 calls queued
+        assert vendor.calls <= 3 + 4  # the interrupted one and those already in flight, not the 53 others
+        assert cache.stats()["entries"] == vendor.calls - 1  # every answer paid was kept
