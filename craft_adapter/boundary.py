@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from .cache import BackendCache, QueryCache, array_key, digest, image_key
+from .vendor_calls import Caller, RetryPolicy, checked
+
 if TYPE_CHECKING:
-    from .cache import QueryCache
     from .dispatch import PairScorer
-    from .vendor_calls import RetryPolicy
 
 BudgetUnit = Literal["queries", "vendor_calls"]
 
@@ -169,9 +170,6 @@ class BlackBox:
     retry: RetryPolicy | None = None
 
     def __post_init__(self) -> None:
-        from .cache import BackendCache
-        from .vendor_calls import Caller
-
         self._image_emb: np.ndarray | None = None
         self._scorer: PairScorer | None = None
         if not isinstance(self._backend, (EmbeddingBackend, ScoringBackend)):
@@ -203,16 +201,12 @@ class BlackBox:
     def image_keys(self) -> list[str]:
         """Content hashes of the images, the cache's image keys."""
         if self._image_keys is None:
-            from .cache import image_key
-
             self._image_keys = [image_key(im) for im in self._images]
         return self._image_keys
 
     def _answers(self, kind: str, keys: list[tuple[str, str]], request: Callable[[list[int]], object],
                  shape: tuple[int | None, ...]) -> np.ndarray:
         """Answers ``[len(keys), *shape]``: stored ones from the cache, the rest in one vendor call, stored first."""
-        from .vendor_calls import checked
-
         got = self._store.get(kind, keys)
         todo = [j for j, k in enumerate(keys) if k not in got]
         if not todo:
@@ -240,8 +234,6 @@ class BlackBox:
 
     def logits_text(self, templates: Sequence[str], rows: Sequence[int] | None = None) -> np.ndarray:
         """Scores ``[p, m, c]`` of each template (``{}`` marks the class name) on image ``rows`` (default all)."""
-        from .cache import digest
-
         rows = range(len(self._images)) if rows is None else rows
         if self.capabilities.style == "scoring":
             return self._pairs().scores(templates, rows)
@@ -280,8 +272,6 @@ class BlackBox:
 
     def logits_soft(self, ctx: np.ndarray) -> np.ndarray:
         """Scores ``[p, n, c]`` of context vectors ``ctx [p, n_ctx, width]`` on every image."""
-        from .cache import array_key
-
         backend = self._soft()
         self._images_embedded()
         self.meter.charge(queries=len(ctx), vendor_calls=1)

@@ -73,8 +73,6 @@ def _config_from(ctx: typer.Context, config: Path | None, values: dict, saved: d
         if config is None and saved is None:
             return FitConfig(**{k: v for k, v in values.items() if k in names})
         base = dict(saved) if saved is not None else {"prompt": values["prompt"]}  # auto, resolved: a default
-        if saved is not None and values.get("prompt_given") is False:
-            given.pop("prompt", None)
         return FitConfig(**{**base, **(FitConfig.read_file(config) if config else {}), **given})
     except (ValueError, OSError, TypeError) as e:
         raise fail(f"bad fit settings: {e}") from None
@@ -232,8 +230,9 @@ def register(app: typer.Typer) -> None:
         if not output.parent.is_dir():
             raise fail(f"output folder {output.parent} does not exist")
         base = None if saved is None else saved.config
-        values = {**opts, "prompt": "soft" if prompt == "auto" else prompt, "prompt_given": prompt != "auto"}
-        early = _config_from(ctx, config, values, base)  # fail early, before loading a model
+        if prompt == "auto" and saved is not None:
+            prompt = saved.config["prompt"]
+        early = _config_from(ctx, config, {**opts, "prompt": "soft" if prompt == "auto" else prompt}, base)
         try:
             key = _vendor_key(opts) if opts["vendor"] else None
         except ValueError as e:
@@ -241,8 +240,8 @@ def register(app: typer.Typer) -> None:
         backend = (load_vendor(opts["vendor"], key, opts["auth_header"], opts["auth_scheme"], early.timeout)
                    if opts["vendor"] else load_backend(opts["model"], opts["weights"], device))
         if prompt == "auto":
-            prompt = saved.config["prompt"] if saved else "soft" if backend.capabilities.soft_prompts else "text"
-        cfg = _config_from(ctx, config, {**values, "prompt": prompt}, base)
+            prompt = "soft" if backend.capabilities.soft_prompts else "text"
+        cfg = _config_from(ctx, config, {**opts, "prompt": prompt}, base)
         cache_path = opts["cache"] or output.parent / "craft-adapter-cache.sqlite"
         try:
             store = None if no_cache else QueryCache(cache_path)
