@@ -52,9 +52,13 @@ def digest(*parts: str | bytes) -> str:
     return h.hexdigest()[:32]
 
 
+def _identity_json(identity: Mapping[str, Any]) -> str:
+    return json.dumps(dict(identity), sort_keys=True, default=str)
+
+
 def backend_key(identity: Mapping[str, Any]) -> str:
     """The cache key of a backend: a hash of its identity (model, weights hash, redacted URL...)."""
-    return digest(json.dumps(dict(identity), sort_keys=True, default=str))
+    return digest(_identity_json(identity))
 
 
 def image_key(image: Image.Image) -> str:
@@ -107,8 +111,7 @@ class QueryCache:
         """Record a backend's identity (for ``cache stats``) and return its key."""
         key = backend_key(identity)
         with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO backends VALUES (?, ?)",
-                             (key, json.dumps(dict(identity), sort_keys=True, default=str)))
+            self._db.execute("INSERT OR IGNORE INTO backends VALUES (?, ?)", (key, _identity_json(identity)))
         return key
 
     def get(self, backend: str, kind: str, keys: Sequence[Key]) -> dict[Key, np.ndarray]:

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .boundary import QueryMeter, ScoringBackend
-from .cache import BackendCache, CacheError, digest, image_key
+from .cache import BackendCache, digest, image_key
 from .vendor_calls import Caller, checked
 
 
@@ -65,36 +65,32 @@ class PairScorer:
         self.probabilities = backend.capabilities.returns == "probabilities"
         self.cache: dict[tuple[int, str], np.ndarray] = {}
         self._lock = threading.Lock()
-        self._abort: CacheError | None = None
+        self._abort: BaseException | None = None
 
     def missing(self, templates: Sequence[str], rows: Sequence[int]) -> list[tuple[int, str]]:
         """The pairs a request would have to pay for, each once, in a fixed order."""
         return [(i, t) for t in dict.fromkeys(templates) for i in rows if (i, t) not in self.cache]
-
-    def _key(self, pair: tuple[int, str]) -> tuple[str, str]:
-        i, template = pair
-        return digest(template, *self.class_names), self.image_keys[i]
 
     def _keep(self, pair: tuple[int, str], scores: np.ndarray) -> None:
         with self._lock:
             self.meter.charge(vendor_calls=1, images=1)
             self.cache[pair] = scores
 
-    def _pay(self, pair: tuple[int, str]) -> None:
+    def _pay(self, pair: tuple[int, str], key: tuple[str, str]) -> None:
         i, template = pair
         c = len(self.class_names)
-        if self._abort is not None:  # an answer could not be kept: send nothing more
+        if self._abort is not None:  # another call failed for good (vendor, cache, interrupt): send nothing more
             raise self._abort
 
         def send() -> object:
             self.limiter.acquire()
             return self.backend.score(self.images[i], self.class_names, template)
 
-        scores = self.caller.call(send, lambda a: checked(a, (c,), self.probabilities), "a scoring call")
         try:
-            self.store.put("score", {self._key(pair): scores})  # kept on disk before it is used
-        except CacheError as e:
-            self._abort = e
+            scores = self.caller.call(send, lambda a: checked(a, (c,), self.probabilities), "a scoring call")
+            self.store.put("score", {key: scores})  # kept on disk before it is used
+        except BaseException as e:
+            self._abort = self._abort or e
             raise
         self._keep(pair, scores)
 
@@ -102,19 +98,20 @@ class PairScorer:
         """Scores ``[p, len(rows), c]``; the whole request is refused if its new pairs exceed the budget."""
         todo = self.missing(templates, rows)
         self.meter.check(vendor_calls=len(todo))
-        stored = self.store.get("score", [self._key(p) for p in todo])
-        for pair in todo:
-            key = self._key(pair)
+        prompt_keys = {t: digest(t, *self.class_names) for t in dict.fromkeys(templates)}
+        keys = {(i, t): (prompt_keys[t], self.image_keys[i]) for i, t in todo}
+        stored = self.store.get("score", list(keys.values()))
+        for pair, key in keys.items():
             if key in stored:
                 self._keep(pair, stored[key])
                 self.meter.cached_calls += 1
         todo = [p for p in todo if p not in self.cache]
         if self.concurrency == 1 or len(todo) <= 1:
             for pair in todo:
-                self._pay(pair)
+                self._pay(pair, keys[pair])
         else:
             with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-                futures = [pool.submit(self._pay, pair) for pair in todo]
+                futures = [pool.submit(self._pay, pair, keys[pair]) for pair in todo]
                 try:
                     for future in futures:
                         future.result()  # re-raises a failed call
