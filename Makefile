@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-VENDOR := reference/vendor/open_clip_model.safetensors
+VENDOR := craft_adapter/reference/vendor/open_clip_model.safetensors
 
 .PHONY: demo test lint setup data vendor clean
 
@@ -34,7 +34,7 @@ data:
 # The reference vendor is committed; this rebuilds it only when it is missing (about 7 minutes on 2 cores).
 vendor: $(VENDOR)
 $(VENDOR): | setup data
-	$(BIN)/python benchmarks/train_reference_vendor.py --out reference/vendor
+	$(BIN)/python benchmarks/train_reference_vendor.py --out craft_adapter/reference/vendor
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

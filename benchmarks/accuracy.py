@@ -20,15 +20,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.plots import mean_curve, save_accuracy_plot  # noqa: E402
-from benchmarks.whitebox import coop, linear_probe  # noqa: E402
-from craft_adapter.backends.open_clip_backend import OpenClipBackend  # noqa: E402
-from craft_adapter.boundary import BlackBox, QueryMeter  # noqa: E402
-from craft_adapter.config import FitConfig  # noqa: E402
-from craft_adapter.data import split_holdout  # noqa: E402
-from craft_adapter.evaluate import accuracy  # noqa: E402
-from craft_adapter.fit import FitState, fit  # noqa: E402
-from craft_adapter.reference import HAND_TEMPLATE, REFERENCE_VENDOR_DIR, reference_test, reference_train  # noqa: E402
+from benchmarks.plots import mean_curve, save_accuracy_plot
+from benchmarks.whitebox import coop, linear_probe
+from craft_adapter.blackbox.box import BlackBox
+from craft_adapter.blackbox.meter import QueryMeter
+from craft_adapter.reference.task import HAND_TEMPLATE, REFERENCE_VENDOR_DIR, reference_test, reference_train
+from craft_adapter.training.config import FitConfig
+from craft_adapter.training.evaluate import accuracy
+from craft_adapter.training.image_sets import split_holdout
+from craft_adapter.training.loop import FitState, fit
+from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {

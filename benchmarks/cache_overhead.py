@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import craft_adapter  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
-from craft_adapter.backends.open_clip_backend import OpenClipBackend
-from craft_adapter.cache import QueryCache
-from craft_adapter.config import FitConfig
+from craft_adapter.blackbox.query_cache import QueryCache
+from craft_adapter.training.config import FitConfig
+from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
 # isort: split
 from fit_speed import reference_fit, setup  # a sibling script, as serve_common is for the server benchmarks

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/fit_faults.py [--budget 3000] [--fault-rate 0.2] [--port 18741] [--seed 1]
 
 The reference vendor (``craft-adapter vendor``) runs in its own process; the stub vendor
-(``craft_adapter.serve.stub_vendor``) sits in front of it as a fault-injecting proxy on a fixed loopback port, so
+(``craft_adapter.testing.stub_vendor``) sits in front of it as a fault-injecting proxy on a fixed loopback port, so
 both fits record the same vendor URL in the adapter. Run 1: the proxy fails each call with probability
 ``--fault-rate``, the kind drawn evenly from timeout (it hangs past the fit's ``--timeout``), 500, 503, 429 (with a
 fractional Retry-After), malformed JSON, a truncated body, a NaN score and a missing label. Run 2: the same proxy
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from kill_resume import CLI, REPO, RESULTS, VendorStatsCounter, read_meter, sha256, start_vendor
 
-from craft_adapter.serve.stub_vendor import StubVendor, serve_stub_in_thread
+from craft_adapter.testing.stub_vendor import StubVendor, serve_stub_in_thread
 
 FAULTS = ("timeout", "500", "503", "429", "malformed", "truncated", "nan", "missing_label")
 

@@ -13,14 +13,15 @@ import time
 from pathlib import Path
 
 import craft_adapter  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
-from craft_adapter.backends.open_clip_backend import OpenClipBackend
-from craft_adapter.boundary import BlackBox, QueryMeter
-from craft_adapter.cache import QueryCache
-from craft_adapter.config import FitConfig
-from craft_adapter.data import split_holdout
-from craft_adapter.fit import FitResult, fit
-from craft_adapter.prompt import SoftPromptSearch
-from craft_adapter.reference import REFERENCE_VENDOR_DIR, reference_train
+from craft_adapter.blackbox.box import BlackBox
+from craft_adapter.blackbox.meter import QueryMeter
+from craft_adapter.blackbox.query_cache import QueryCache
+from craft_adapter.reference.task import REFERENCE_VENDOR_DIR, reference_train
+from craft_adapter.training.config import FitConfig
+from craft_adapter.training.image_sets import split_holdout
+from craft_adapter.training.loop import FitResult, fit
+from craft_adapter.training.soft_prompt import SoftPromptSearch
+from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from craft_adapter.footprint import footprint_json, footprint_table, run_footprint
+from craft_adapter.reference.footprint import footprint_json, footprint_table, run_footprint
 
 
 def main() -> None:

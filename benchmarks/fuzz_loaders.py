@@ -41,10 +41,10 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
-from craft_adapter.artifact import REFINER_KEYS, Adapter, AdapterError, refiner_input
+from craft_adapter.artifact.adapter_file import REFINER_KEYS, Adapter, AdapterError, refiner_input
 
 # isort: split
-from craft_adapter.serve.onnx_graph import build_refiner_onnx
+from craft_adapter.artifact.onnx_graph import build_refiner_onnx
 from craft_adapter.serve.shipped import ShippedAdapter
 
 CASE_TIMEOUT_S = 10.0
@@ -77,7 +77,7 @@ def seed_adapters() -> list[Adapter]:
 EXPORT_CHILD = """
 import sys, warnings
 warnings.simplefilter("ignore")
-from craft_adapter.artifact import Adapter
+from craft_adapter.artifact.adapter_file import Adapter
 from craft_adapter.export.onnx_export import trace_refiner
 sys.stdout.buffer.write(trace_refiner(Adapter.from_bytes(sys.stdin.buffer.read())).SerializeToString())
 """

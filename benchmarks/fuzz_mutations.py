@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
-from craft_adapter.artifact import MAX_HEADER_BYTES, METADATA_KEY
+from craft_adapter.artifact.adapter_file import MAX_HEADER_BYTES, METADATA_KEY
 
 # -- generic mutations ----------------------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from fuzz_mutations import dump_with_tokens, edit_metadata, flip_bytes, truncate
 from hypothesis import strategies as st
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
-from craft_adapter.artifact import METADATA_KEY, REFINER_KEYS
+from craft_adapter.artifact.adapter_file import METADATA_KEY, REFINER_KEYS
 
 
 def _subgraph() -> onnx.GraphProto:

@@ -20,7 +20,7 @@ COUNTED_METHODS = ("embed_images", "embed_texts", "embed_soft")
 
 def count_calls(ledger_fd: int) -> None:
     """Wrap the counted backend methods so each call appends one byte to ``ledger_fd`` before it starts."""
-    from craft_adapter.backends.open_clip_backend import OpenClipBackend
+    from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
     def counted(method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)

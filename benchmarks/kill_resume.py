@@ -35,14 +35,14 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
+from craft_adapter.cli.shared import DEFAULT_MODEL
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
 KILL_CHILD = BENCH_DIR / "kill_child.py"
 sys.path.insert(0, str(BENCH_DIR))  # sibling scripts, also when a test loads this file by path
 from serve_common import Proc, start_reference_vendor  # noqa: E402
-
-from craft_adapter.cli_common import DEFAULT_MODEL  # noqa: E402
 
 CLI = [sys.executable, "-m", "craft_adapter.cli"]
 

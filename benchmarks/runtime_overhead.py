@@ -33,13 +33,13 @@ import onnxruntime as ort
 from rich.console import Console
 from rich.table import Table
 
-from craft_adapter.artifact import Adapter
-from craft_adapter.footprint import synthetic_adapter
+from craft_adapter.artifact.adapter_file import Adapter
+from craft_adapter.artifact.synthetic import synthetic_adapter
 
 # isort: split
 # (serve/ installs as craft_adapter.serve; ruff cannot place it, so it sorts apart)
+from craft_adapter.artifact.onnx_graph import INPUT_NAME, OUTPUT_NAMES
 from craft_adapter.serve import AdapterRuntime, load_runtime
-from craft_adapter.serve.onnx_graph import INPUT_NAME, OUTPUT_NAMES
 
 GOALS_US = {10: 15.0, 1000: 40.0}
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -18,11 +18,11 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from craft_adapter.footprint import synthetic_adapter
-from craft_adapter.reference import CLASS_NAMES
+from craft_adapter.artifact.synthetic import synthetic_adapter
+from craft_adapter.reference.task import CLASS_NAMES
 
 # isort: split
-from craft_adapter.serve.stub_vendor import stub_probabilities
+from craft_adapter.testing.stub_vendor import stub_probabilities
 
 
 class Proc:
@@ -90,7 +90,7 @@ def _children(pid: int) -> list[int]:
 
 def start_stub(log: Path, latency_s: float = 0.0, extra: list[str] | None = None) -> Proc:
     """The stub vendor in its own process."""
-    return Proc([sys.executable, "-m", "craft_adapter.serve.stub_vendor", "--latency", str(latency_s),
+    return Proc([sys.executable, "-m", "craft_adapter.testing.stub_vendor", "--latency", str(latency_s),
                  *(extra or [])], log)
 
 

@@ -46,7 +46,7 @@ from serve_common import (
     stub_expected,
 )
 
-from craft_adapter.reference import REFERENCE_VENDOR_DIR
+from craft_adapter.reference.task import REFERENCE_VENDOR_DIR
 
 
 async def run_vendor(kind: str, args: argparse.Namespace, tmp: Path) -> dict:

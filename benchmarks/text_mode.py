@@ -23,16 +23,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import craft_adapter  # noqa: E402,F401
-from benchmarks.plots import mean_curve, save_accuracy_plot  # noqa: E402
-from craft_adapter.backends.open_clip_backend import OpenClipBackend  # noqa: E402
-from craft_adapter.boundary import BlackBox, QueryMeter  # noqa: E402
-from craft_adapter.config import FitConfig  # noqa: E402
-from craft_adapter.data import split_holdout  # noqa: E402
-from craft_adapter.fit import FitState, fit  # noqa: E402
-from craft_adapter.reference import REFERENCE_VENDOR_DIR, reference_test, reference_train  # noqa: E402
+from benchmarks.plots import mean_curve, save_accuracy_plot
+from craft_adapter.blackbox.box import BlackBox
+from craft_adapter.blackbox.meter import QueryMeter
+from craft_adapter.reference.task import REFERENCE_VENDOR_DIR, reference_test, reference_train
+from craft_adapter.training.config import FitConfig
+from craft_adapter.training.image_sets import split_holdout
+from craft_adapter.training.loop import FitState, fit
+from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
 # isort: split
-from craft_adapter.serve import HttpZeroShotVendor  # noqa: E402
+from craft_adapter.serve import HttpZeroShotVendor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # What a user would try by hand: CLIP's own prompt-engineering templates that fit product photos.

@@ -64,12 +64,13 @@ def main() -> None:
     if args.stub:
         serve_stub(args.latency)
         return
-    from craft_adapter.boundary import BlackBox, QueryMeter
-    from craft_adapter.config import FitConfig
-    from craft_adapter.data import split_holdout
-    from craft_adapter.fit import fit
-    from craft_adapter.reference import reference_train
+    from craft_adapter.blackbox.box import BlackBox
+    from craft_adapter.blackbox.meter import QueryMeter
+    from craft_adapter.reference.task import reference_train
     from craft_adapter.serve import HttpZeroShotVendor
+    from craft_adapter.training.config import FitConfig
+    from craft_adapter.training.image_sets import split_holdout
+    from craft_adapter.training.loop import fit
 
     proc = subprocess.Popen([sys.executable, __file__, "--stub", "--latency", str(args.latency)],
                             stdout=subprocess.PIPE, text=True)

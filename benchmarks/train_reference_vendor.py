@@ -4,7 +4,7 @@ Captions say how an image looks ("a blurry photo of a coat on a white background
 CLIP and its web captions, the prompt text matters. The result is written in open_clip's ``local-dir:``
 layout (``open_clip_config.json`` beside ``open_clip_model.safetensors``).
 
-    python benchmarks/train_reference_vendor.py --out reference/vendor
+    python benchmarks/train_reference_vendor.py --out craft_adapter/reference/vendor
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from craft_adapter.reference import CLASS_NAMES, NOUNS, STYLES, caption, load_fashion_mnist, render
+from craft_adapter.reference.task import CLASS_NAMES, NOUNS, STYLES, caption, load_fashion_mnist, render
 
 MEAN, STD = 0.2860, 0.3530
 MODEL_CFG = {
@@ -52,7 +52,7 @@ def to_tensor(x: np.ndarray) -> torch.Tensor:
 def main() -> None:
     """Train and save the reference vendor."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("reference/vendor"))
+    ap.add_argument("--out", type=Path, default=Path("craft_adapter/reference/vendor"))
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)

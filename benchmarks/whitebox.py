@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from craft_adapter.backends.open_clip_backend import OpenClipBackend, encode_text_embeddings
+from craft_adapter.vendors.open_clip_backend import OpenClipBackend, encode_text_embeddings
 
 
 def coop(backend: OpenClipBackend, train_images: list, y: np.ndarray, test_emb: np.ndarray, y_test: np.ndarray,

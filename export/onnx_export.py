@@ -1,7 +1,7 @@
 """Refiner -> ONNX: trace the torch refiner, check the graph, prove parity on onnxruntime, then write.
 
 Nothing is written unless ``onnx.checker`` and the runtime's own refiner check
-(:mod:`craft_adapter.serve.onnx_check`) pass and onnxruntime matches the torch refiner within ``atol`` at
+(:mod:`craft_adapter.artifact.onnx_check`) pass and onnxruntime matches the torch refiner within ``atol`` at
 every checked batch size. The difference from the artifact's numpy reference forward is reported too.
 """
 
@@ -16,11 +16,11 @@ import numpy as np
 import onnx
 import torch
 
-from ..artifact import Adapter, AdapterError, refiner_input
-from ..refiner import Refiner
-from ..serve.onnx_check import check_refiner_onnx
-from ..serve.onnx_graph import BATCH_DIM, INPUT_NAME, OUTPUT_NAMES, metadata_props
-from ..serve.session import make_session
+from craft_adapter.artifact.adapter_file import Adapter, AdapterError, refiner_input
+from craft_adapter.artifact.onnx_check import check_refiner_onnx
+from craft_adapter.artifact.onnx_graph import BATCH_DIM, INPUT_NAME, OUTPUT_NAMES, metadata_props
+from craft_adapter.serve.session import make_session
+from craft_adapter.training.refiner import Refiner
 
 MIN_OPSET = 17
 DEFAULT_OPSET = 18

@@ -11,13 +11,14 @@ Never imports torch, open_clip or training code. Five lines wrap a vendor we hav
     print(runtime.predict_one(image).label)
 """
 
-from craft_adapter.artifact import AdapterError
-
-from .http_vendors import EmbeddingApiVendor, HfInferenceVendor, HttpZeroShotVendor
-from .runtime import AdapterRuntime, Prediction, Predictions, load_runtime
-from .session import make_session
-from .shipped import ShippedAdapter
-from .vendors import CallableVendor, VendorError, bind_vendor, check_scores
+from craft_adapter.artifact.adapter_file import AdapterError
+from craft_adapter.serve.runtime import AdapterRuntime, Prediction, Predictions, load_runtime
+from craft_adapter.serve.session import make_session
+from craft_adapter.serve.shipped import ShippedAdapter
+from craft_adapter.serve.vendor_binding import bind_vendor
+from craft_adapter.vendors.http_clients import EmbeddingApiVendor, HfInferenceVendor, HttpZeroShotVendor
+from craft_adapter.vendors.protocols import CallableVendor
+from craft_adapter.vendors.replies import VendorError, check_scores
 
 __all__ = [
     "AdapterError", "AdapterRuntime", "CallableVendor", "EmbeddingApiVendor", "HfInferenceVendor",

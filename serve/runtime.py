@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .shipped import ShippedAdapter
-from .vendors import bind_vendor, check_scores
+from craft_adapter.serve.shipped import ShippedAdapter
+from craft_adapter.serve.vendor_binding import bind_vendor
+from craft_adapter.vendors.replies import check_scores
 
 
 @dataclass(frozen=True)

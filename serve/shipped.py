@@ -15,11 +15,16 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from craft_adapter.artifact import Adapter, AdapterError, metadata_fields, read_adapter_bytes, refiner_input
-
-from .onnx_check import check_refiner_onnx
-from .onnx_graph import INPUT_NAME, OUTPUT_NAMES, build_refiner_onnx
-from .session import make_session
+from craft_adapter.artifact.adapter_file import (
+    Adapter,
+    AdapterError,
+    metadata_fields,
+    read_adapter_bytes,
+    refiner_input,
+)
+from craft_adapter.artifact.onnx_check import check_refiner_onnx
+from craft_adapter.artifact.onnx_graph import INPUT_NAME, OUTPUT_NAMES, build_refiner_onnx
+from craft_adapter.serve.session import make_session
 
 
 @dataclass

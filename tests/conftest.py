@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from craft_adapter.reference import REFERENCE_VENDOR_DIR
+from craft_adapter.reference.task import REFERENCE_VENDOR_DIR
 
 TINY_CFG = {
     "embed_dim": 32,

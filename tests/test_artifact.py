@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from craft_adapter.artifact import FORMAT_VERSION, METADATA_KEY, Adapter, AdapterError, refiner_input
+from craft_adapter.artifact.adapter_file import FORMAT_VERSION, METADATA_KEY, Adapter, AdapterError, refiner_input
 
 
 def make(n_classes=3, hidden=8, mode="soft", kind="logits", seed=0) -> Adapter:

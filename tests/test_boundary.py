@@ -7,7 +7,9 @@ import pytest
 import torch
 from conftest import random_images
 
-from craft_adapter.boundary import BlackBox, BudgetExhausted, Capabilities, QueryMeter
+from craft_adapter.blackbox.box import BlackBox
+from craft_adapter.blackbox.meter import BudgetExhausted, QueryMeter
+from craft_adapter.vendors.protocols import Capabilities
 
 
 class CountingEmbeddingVendor:
@@ -82,7 +84,7 @@ def test_soft_prompts_refused_when_backend_is_text_only():
 
 
 def test_box_exposes_no_torch_module_or_parameter(tiny_model_dir):
-    from craft_adapter.backends.open_clip_backend import OpenClipBackend
+    from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
     box = BlackBox(OpenClipBackend(f"local-dir:{tiny_model_dir}", device="cpu"), random_images(2), ["a", "b"])
     public = {name: getattr(box, name) for name in dir(box) if not name.startswith("_")}

@@ -16,12 +16,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from craft_adapter.cache import CacheError, QueryCache, array_key, backend_key, digest, image_key
+from craft_adapter.blackbox.query_cache import CacheError, QueryCache, array_key, backend_key, digest, image_key
 from craft_adapter.cli import app
 
 WRITER = """
 import sys, numpy as np
-from craft_adapter.cache import QueryCache
+from craft_adapter.blackbox.query_cache import QueryCache
 path, tag, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 with QueryCache(path) as cache:
     for k in range(n):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from craft_adapter.artifact import Adapter
+from craft_adapter.artifact.adapter_file import Adapter
 from craft_adapter.cli import app
 
 runner = CliRunner()
@@ -76,7 +76,7 @@ def write_folder(root, images, labels, names):
 
 @pytest.mark.slow
 def test_tiny_cli_fit_improves_over_zero_shot_and_loads(reference_vendor_dir, tmp_path):
-    from craft_adapter.reference import reference_task
+    from craft_adapter.reference.task import reference_task
 
     train, _ = reference_task(shots=8, seed=2)
     data = write_folder(tmp_path / "shots", train.images, train.labels, train.class_names)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from craft_adapter.data import DataError, load_idx, load_image_folder, sample_k_shot, split_holdout
-from craft_adapter.reference import FASHION_MNIST_DIR, apply_shift, reference_task
+from craft_adapter.reference.task import FASHION_MNIST_DIR, apply_shift, load_idx, reference_task
+from craft_adapter.training.image_sets import DataError, load_image_folder, sample_k_shot, split_holdout
 
 
 def make_folder(root, counts, size=8):

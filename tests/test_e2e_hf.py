@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 from huggingface_hub import InferenceClient
 
-from craft_adapter.backends.open_clip_backend import OpenClipBackend
-from craft_adapter.boundary import BlackBox, QueryMeter
-from craft_adapter.config import FitConfig
-from craft_adapter.data import split_holdout
-from craft_adapter.evaluate import accuracy, adapted_scores
-from craft_adapter.fit import fit
-from craft_adapter.reference import reference_task
-from craft_adapter.vendor_server import make_vendor_server, serve_in_thread
+from craft_adapter.blackbox.box import BlackBox
+from craft_adapter.blackbox.meter import QueryMeter
+from craft_adapter.reference.local_vendor import make_vendor_server, serve_in_thread
+from craft_adapter.reference.task import reference_task
+from craft_adapter.training.config import FitConfig
+from craft_adapter.training.evaluate import accuracy, adapted_scores
+from craft_adapter.training.image_sets import split_holdout
+from craft_adapter.training.loop import fit
+from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
 # isort: split
 from craft_adapter.export import export_onnx

@@ -12,14 +12,14 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from craft_adapter.artifact import Adapter, refiner_input
-from craft_adapter.cli_ship import register
-from craft_adapter.footprint import synthetic_adapter
+from craft_adapter.artifact.adapter_file import Adapter, refiner_input
+from craft_adapter.artifact.synthetic import synthetic_adapter
+from craft_adapter.cli.shipping import register
 
 # isort: split
 # (export/ and serve/ install as craft_adapter.export and .serve; ruff cannot place them, so they sort apart)
+from craft_adapter.artifact.onnx_graph import INPUT_NAME, OUTPUT_NAMES, build_refiner_onnx
 from craft_adapter.export import ExportError, RefinerWithSoftmax, export_onnx, onnx_export
-from craft_adapter.serve.onnx_graph import INPUT_NAME, OUTPUT_NAMES, build_refiner_onnx
 from craft_adapter.serve.session import make_session
 
 

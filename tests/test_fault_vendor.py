@@ -19,12 +19,12 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import random_images
 
-from craft_adapter.backends.open_clip_backend import OpenClipBackend
-from craft_adapter.vendor_server import VendorHTTPServer, make_vendor_server, serve_in_thread
+from craft_adapter.reference.local_vendor import VendorHTTPServer, make_vendor_server, serve_in_thread
+from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
 # isort: split
-from craft_adapter.serve.http_vendors import image_base64
-from craft_adapter.serve.stub_vendor import StubVendor, serve_stub_in_thread
+from craft_adapter.testing.stub_vendor import StubVendor, serve_stub_in_thread
+from craft_adapter.vendors.http_clients import image_base64
 
 NAMES = ["t-shirt", "trouser", "pullover", "dress"]
 TEMPLATE = "a blurry photo of a {}."
@@ -213,7 +213,8 @@ def test_default_stub_is_unchanged_and_has_no_upstream_stats() -> None:
 
 
 def test_cli_upstream_flag(upstream: VendorHTTPServer) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "craft_adapter.serve.stub_vendor", "--upstream", upstream.url + "/",
+    proc = subprocess.Popen([sys.executable, "-m", "craft_adapter.testing.stub_vendor",
+                             "--upstream", upstream.url + "/",
                              "--retry-after", "0.2", "--fault-rate", "0"], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

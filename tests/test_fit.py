@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from conftest import random_images
 
-from craft_adapter.artifact import Adapter
-from craft_adapter.backends.open_clip_backend import OpenClipBackend
-from craft_adapter.boundary import BlackBox, QueryMeter
-from craft_adapter.config import FitConfig, default_budget
-from craft_adapter.fit import fit
+from craft_adapter.artifact.adapter_file import Adapter
+from craft_adapter.blackbox.box import BlackBox
+from craft_adapter.blackbox.meter import QueryMeter
+from craft_adapter.training.config import FitConfig, default_budget
+from craft_adapter.training.loop import fit
+from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
 CLASSES = ["coat", "bag", "sandal"]
 

@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from craft_adapter.cache import QueryCache
+from craft_adapter.blackbox.query_cache import QueryCache
 from craft_adapter.cli import app
-from craft_adapter.serve.stub_vendor import ALL_FAULT_KINDS, StubVendor, serve_stub_in_thread
+from craft_adapter.testing.stub_vendor import ALL_FAULT_KINDS, StubVendor, serve_stub_in_thread
 
 KEY = "sk-live-7f3a9c1e5b2d4f60a8e1"
 # Every kind a client can recognise. "not_probabilities" is left out: doubled scores below 0.5 are still valid

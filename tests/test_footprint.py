@@ -9,8 +9,9 @@ import open_clip
 import typer
 from typer.testing import CliRunner
 
-from craft_adapter.cli_ship import register
-from craft_adapter.footprint import FootprintRow, Measurement, footprint_table, synthetic_adapter
+from craft_adapter.artifact.synthetic import synthetic_adapter
+from craft_adapter.cli.shipping import register
+from craft_adapter.reference.footprint import FootprintRow, Measurement, footprint_table
 
 
 def test_synthetic_adapter_is_a_valid_refiner_of_the_asked_size() -> None:

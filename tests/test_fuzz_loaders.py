@@ -13,7 +13,7 @@ from types import ModuleType
 
 import pytest
 
-from craft_adapter.artifact import Adapter, AdapterError
+from craft_adapter.artifact.adapter_file import Adapter, AdapterError
 
 # isort: split
 from craft_adapter.export.onnx_export import trace_refiner

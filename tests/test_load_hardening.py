@@ -13,8 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
-from craft_adapter import artifact
-from craft_adapter.artifact import (
+from craft_adapter.artifact.adapter_file import (
     MAX_CLASSES,
     MAX_CTX_TOKENS,
     MAX_HEADER_BYTES,
@@ -27,12 +26,13 @@ from craft_adapter.artifact import (
     Adapter,
     AdapterError,
 )
+from craft_adapter.artifact import adapter_file as artifact
 
 # isort: split
+from craft_adapter.artifact.onnx_check import MAX_OPSET, MIN_OPSET, check_refiner_onnx
+from craft_adapter.artifact.onnx_graph import build_refiner_onnx
 from craft_adapter.export.onnx_export import trace_refiner
 from craft_adapter.serve import shipped as shipped_module
-from craft_adapter.serve.onnx_check import MAX_OPSET, MIN_OPSET, check_refiner_onnx
-from craft_adapter.serve.onnx_graph import build_refiner_onnx
 from craft_adapter.serve.shipped import ShippedAdapter
 
 C, H = 3, 8
@@ -394,7 +394,7 @@ def test_onnxruntime_only_sees_verified_bytes(tmp_path: Path, monkeypatch: pytes
 
 def test_onnx_reader_agrees_with_onnx(exported: onnx.ModelProto) -> None:
     """What the strict reader accepts, the onnx package parses to the same graph and weights."""
-    from craft_adapter.serve.onnx_check import _Reader
+    from craft_adapter.artifact.onnx_check import _Reader
 
     raw = exported.SerializeToString()
     mine = _Reader(raw).message("model", 0, len(raw))

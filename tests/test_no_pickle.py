@@ -16,10 +16,10 @@ import pytest
 import torch
 from conftest import TINY_CFG
 
-from craft_adapter.artifact import Adapter
-from craft_adapter.backends import open_clip_backend
-from craft_adapter.backends.open_clip_backend import BackendError, OpenClipBackend
-from craft_adapter.footprint import synthetic_adapter
+from craft_adapter.artifact.adapter_file import Adapter
+from craft_adapter.artifact.synthetic import synthetic_adapter
+from craft_adapter.vendors import open_clip_backend
+from craft_adapter.vendors.open_clip_backend import BackendError, OpenClipBackend
 
 # isort: split
 from craft_adapter.export import export_onnx

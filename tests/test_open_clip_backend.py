@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import random_images
 
-from craft_adapter.backends.open_clip_backend import BackendError, OpenClipBackend, encode_text_embeddings
+from craft_adapter.vendors.open_clip_backend import BackendError, OpenClipBackend, encode_text_embeddings
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,14 @@ import numpy as np
 import pytest
 from conftest import random_images
 
-from craft_adapter.artifact import Adapter, AdapterError
-from craft_adapter.footprint import synthetic_adapter
+from craft_adapter.artifact.adapter_file import Adapter, AdapterError
+from craft_adapter.artifact.synthetic import synthetic_adapter
 
 # isort: split
 # (export/ and serve/ install as craft_adapter.export and .serve; ruff cannot place them, so they sort apart)
+from craft_adapter.artifact.onnx_graph import build_refiner_onnx
 from craft_adapter.export import export_onnx
-from craft_adapter.serve import (
-    CallableVendor,
-    HttpZeroShotVendor,
-    VendorError,
-    load_runtime,
-)
-from craft_adapter.serve.onnx_graph import build_refiner_onnx
+from craft_adapter.serve import CallableVendor, HttpZeroShotVendor, VendorError, load_runtime
 
 C = 10
 
@@ -200,8 +195,8 @@ path, n = sys.argv[1], int(sys.argv[2])
 scores = np.linspace(0.01, 1.0, n, dtype=np.float32)[None] / np.float32(50.5)
 runtime = load_runtime(path, CallableVendor(lambda images, prompts: scores.repeat(len(images), 0)))  # device auto
 p = runtime.predict_one(Image.new("L", (28, 28)))
-training = {"craft_adapter.fit", "craft_adapter.refiner", "craft_adapter.prompt", "craft_adapter.export"}
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "open_clip"} or m in training)
+from craft_adapter.testing.import_guard import serve_violations
+heavy = serve_violations(sys.modules)
 print(json.dumps({"label": p.label, "probability": p.probability, "heavy": heavy,
                   "providers": runtime.adapter.providers}))
 """

@@ -23,12 +23,12 @@ from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 from server_process import ServerProcess
 
-from craft_adapter.artifact import Adapter
-from craft_adapter.footprint import synthetic_adapter
+from craft_adapter.artifact.adapter_file import Adapter
+from craft_adapter.artifact.synthetic import synthetic_adapter
 
 # isort: split
 # (serve/ installs as craft_adapter.serve; ruff cannot place it, so it sorts apart)
-from craft_adapter.serve.stub_vendor import StubVendor, serve_stub_in_thread, stub_probabilities
+from craft_adapter.testing.stub_vendor import StubVendor, serve_stub_in_thread, stub_probabilities
 
 NAMES = ["t-shirt", "trouser", "pullover", "dress"]
 SECRET = "sk-test-9f3b2c71d4e8a6"  # must never appear in anything the server says or logs

@@ -13,9 +13,11 @@ import pytest
 
 # isort: split
 # (serve/ installs as craft_adapter.serve; ruff cannot place it, so it sorts apart)
-from craft_adapter.serve.metrics import ServerMetrics
-from craft_adapter.serve.server_config import Secret, ServerConfig, redact_url
-from craft_adapter.serve.vendor_client import VendorError, ZeroShotVendorClient, parse_retry_after, parse_zero_shot
+from craft_adapter.serve.server.metrics import ServerMetrics
+from craft_adapter.serve.server.settings import ServerConfig
+from craft_adapter.serve.server.vendor_pool import ZeroShotVendorClient
+from craft_adapter.vendors.credentials import Secret, redact_url
+from craft_adapter.vendors.replies import VendorError, parse_retry_after, parse_zero_shot
 
 LABELS = ["a", "b", "c"]
 
@@ -126,15 +128,15 @@ class Blocked(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, Blocked())
-from craft_adapter.footprint import synthetic_adapter
-from craft_adapter.serve.server import create_app
-from craft_adapter.serve.server_config import ServerConfig
-import craft_adapter.cli_serve
+from craft_adapter.artifact.synthetic import synthetic_adapter
+from craft_adapter.serve.server.http_app import create_app
+from craft_adapter.serve.server.settings import ServerConfig
+import craft_adapter.cli.serving
 
 synthetic_adapter(3).save(sys.argv[1])
 app = create_app(ServerConfig(adapter=sys.argv[1], vendor_url="http://127.0.0.1:9/"))
-training = {"craft_adapter.fit", "craft_adapter.refiner", "craft_adapter.prompt", "craft_adapter.export"}
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "open_clip"} or m in training)))
+from craft_adapter.testing.import_guard import heavy_modules
+print(json.dumps(heavy_modules(sys.modules)))
 """
 
 
@@ -156,8 +158,8 @@ def test_server_imports_without_torch(tmp_path) -> None:
 def test_serve_command_refuses_bad_setups_clearly(tmp_path, make: str, extra: list[str], message: str) -> None:
     from typer.testing import CliRunner
 
+    from craft_adapter.artifact.synthetic import synthetic_adapter
     from craft_adapter.cli import app
-    from craft_adapter.footprint import synthetic_adapter
 
     path = tmp_path / "a.safetensors"
     if make != "missing":

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from craft_adapter.artifact import Adapter
-from craft_adapter.boundary import BlackBox, BudgetExhausted, Capabilities, QueryMeter, fill
-from craft_adapter.config import FitConfig
-from craft_adapter.dispatch import RateLimiter
-from craft_adapter.fit import fit
-from craft_adapter.prompt_text import TextPromptSearch, to_template, to_words, word_vocabulary
+from craft_adapter.artifact.adapter_file import Adapter
+from craft_adapter.blackbox.box import BlackBox
+from craft_adapter.blackbox.meter import BudgetExhausted, QueryMeter
+from craft_adapter.blackbox.pair_scorer import RateLimiter
+from craft_adapter.training.config import FitConfig
+from craft_adapter.training.loop import fit
+from craft_adapter.training.text_prompt import TextPromptSearch, to_template, to_words, word_vocabulary
+from craft_adapter.vendors.protocols import Capabilities, fill
 
 # isort: split
 from craft_adapter.serve import CallableVendor, load_runtime
@@ -148,9 +150,9 @@ def test_rate_limiter_spaces_calls():
 def test_cli_fit_against_a_vendor_url_is_text_mode_with_price(tiny_model_dir, tmp_path):
     from typer.testing import CliRunner
 
-    from craft_adapter.backends.open_clip_backend import OpenClipBackend
     from craft_adapter.cli import app
-    from craft_adapter.vendor_server import make_vendor_server, serve_in_thread
+    from craft_adapter.reference.local_vendor import make_vendor_server, serve_in_thread
+    from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
     server = make_vendor_server(OpenClipBackend(f"local-dir:{tiny_model_dir}", device="cpu"))
     thread = serve_in_thread(server)
@@ -190,7 +192,7 @@ def test_vendor_url_keys_never_reach_the_adapter_or_errors(tmp_path):
 
 
 def test_eval_of_a_text_adapter_scores_the_hand_template_as_zero_shot():
-    from craft_adapter.evaluate import evaluate_adapter
+    from craft_adapter.training.evaluate import evaluate_adapter
 
     adapter = run_fit(2)[0].adapter
     assert adapter.template != "a photo of a {}."

@@ -7,10 +7,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from craft_adapter.boundary import BlackBox, QueryMeter
-from craft_adapter.cache import QueryCache
-from craft_adapter.serve.vendors import VendorError
-from craft_adapter.vendor_calls import Caller, MalformedAnswer, RetryPolicy, VendorUnavailable, checked, classify
+from craft_adapter.blackbox.box import BlackBox
+from craft_adapter.blackbox.meter import QueryMeter
+from craft_adapter.blackbox.query_cache import QueryCache
+from craft_adapter.blackbox.retried_calls import (
+    Caller,
+    MalformedAnswer,
+    RetryPolicy,
+    VendorUnavailable,
+    checked,
+    classify,
+)
+from craft_adapter.vendors.replies import VendorError
 
 
 def http_error(status: int, retry_after: str | None = None) -> Exception:

@@ -15,16 +15,18 @@ import pytest
 from conftest import random_images
 from huggingface_hub import InferenceClient
 
-from craft_adapter.backends.open_clip_backend import OpenClipBackend
-from craft_adapter.boundary import BlackBox, QueryMeter, fill
-from craft_adapter.footprint import synthetic_adapter
-from craft_adapter.vendor_server import VendorHTTPServer, make_vendor_server, serve_in_thread
+from craft_adapter.artifact.synthetic import synthetic_adapter
+from craft_adapter.blackbox.box import BlackBox
+from craft_adapter.blackbox.meter import QueryMeter
+from craft_adapter.reference.local_vendor import VendorHTTPServer, make_vendor_server, serve_in_thread
+from craft_adapter.vendors.open_clip_backend import OpenClipBackend
+from craft_adapter.vendors.protocols import fill
 
 # isort: split
 # (export/ and serve/ install as craft_adapter.export and .serve; ruff cannot place them, so they sort apart)
 from craft_adapter.export import export_onnx
 from craft_adapter.serve import EmbeddingApiVendor, HfInferenceVendor, HttpZeroShotVendor, load_runtime
-from craft_adapter.serve.http_vendors import image_base64
+from craft_adapter.vendors.http_clients import image_base64
 
 NAMES = ["t-shirt", "trouser", "pullover", "dress"]
 
@@ -137,7 +139,7 @@ def test_http_clients_work_as_fit_backends(server: VendorHTTPServer, backend: Op
     assert meter.vendor_calls == 3 and meter.queries == 1
 
 
-VENDOR_CLI = "import typer; from craft_adapter.cli_ship import register; app = typer.Typer(); " \
+VENDOR_CLI = "import typer; from craft_adapter.cli.shipping import register; app = typer.Typer(); " \
              "app.callback()(lambda: None); register(app); app()"
 
 

@@ -1,0 +1,201 @@
+"""The adapter file: one ``.safetensors`` holding the refiner, the learned prompt and JSON metadata.
+
+Tensors are data only (safetensors, no pickle). Metadata is JSON under the ``craft_adapter`` key of the
+safetensors string map. This module needs numpy and safetensors only, so the torch-free runtime uses it.
+
+Adapter files travel between teams, so loading trusts nothing: the file size, the safetensors header (its
+length, JSON, nesting, tensor table, dtypes, shapes against the class count, and data offsets) and the metadata
+(types and sizes) are all checked before ``safetensors`` allocates a single tensor. Every failure is an
+:class:`AdapterError` naming the problem. Those checks, the limits and the format's fixed names live in
+:mod:`craft_adapter.artifact.checks`; this module re-exports them, so importers need only ``artifact``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from craft_adapter.artifact.checks import (
+    CTX_KEY,
+    FORMAT_VERSION,
+    MAX_ABS_VALUE,
+    MAX_CLASSES,
+    MAX_CTX_TOKENS,
+    MAX_CTX_WIDTH,
+    MAX_FILE_BYTES,
+    MAX_HEADER_BYTES,
+    MAX_HIDDEN,
+    MAX_JSON_DEPTH,
+    MAX_METADATA_BYTES,
+    MAX_METADATA_ENTRIES,
+    MAX_TENSORS,
+    MAX_TEXT_CHARS,
+    METADATA_KEY,
+    REFINER_KEYS,
+    TENSOR_KEYS,
+    AdapterError,
+    TensorEntry,
+    bounded,
+    check_tensor_table,
+    metadata_fields,
+    parse_json,
+    read_adapter_bytes,
+    read_header,
+)
+
+__all__ = [  # the checks' names are re-exported: modules import them from here
+    "CTX_KEY", "FORMAT_VERSION", "LOG_FLOOR", "MAX_ABS_VALUE", "MAX_CLASSES", "MAX_CTX_TOKENS", "MAX_CTX_WIDTH",
+    "MAX_FILE_BYTES", "MAX_HEADER_BYTES", "MAX_HIDDEN", "MAX_JSON_DEPTH", "MAX_METADATA_BYTES", "MAX_METADATA_ENTRIES",
+    "MAX_TENSORS", "MAX_TEXT_CHARS", "METADATA_KEY", "REFINER_KEYS", "TENSOR_KEYS", "Adapter", "AdapterError",
+    "LogitKind", "Mode", "TensorEntry", "bounded", "check_tensor_table", "metadata_fields", "parse_json",
+    "read_adapter_bytes", "read_header", "refiner_input",
+]
+
+LOG_FLOOR = np.float32(1e-12)
+
+Mode = Literal["soft", "text"]
+LogitKind = Literal["logits", "probabilities"]
+
+
+def refiner_input(scores: np.ndarray, kind: str) -> np.ndarray:
+    """What the refiner sees: raw logits as they are, probabilities as ``log(max(p, 1e-12))``, float32."""
+    scores = np.asarray(scores, dtype=np.float32)
+    if kind == "logits":
+        return scores
+    if kind == "probabilities":
+        return np.log(np.maximum(scores, LOG_FLOOR))
+    raise AdapterError(f"unknown logit kind {kind!r}; expected 'logits' or 'probabilities'")
+
+
+@dataclass
+class Adapter:
+    """A fitted adapter: everything the runtime needs to repeat the fit's predictions."""
+
+    class_names: list[str]
+    template: str  # sent to the vendor, "{}" marks the class name
+    mode: Mode
+    logit_kind: LogitKind
+    logit_scale: float
+    refiner: dict[str, np.ndarray]  # REFINER_KEYS -> float32 arrays
+    backend: dict[str, Any] = field(default_factory=dict)
+    fit: dict[str, Any] = field(default_factory=dict)
+    ctx: np.ndarray | None = None  # [n_ctx, width], soft mode only
+    prompt_reading: str = ""  # nearest-token reading of ctx, for people
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+    @property
+    def hidden(self) -> int:
+        """Hidden width of the refiner."""
+        return int(self.refiner["refiner.fc1.weight"].shape[0])
+
+    def validate(self) -> None:
+        """Check every field against the others; raise :class:`AdapterError` naming the problem."""
+        if self.format_version > FORMAT_VERSION:
+            raise AdapterError(f"adapter format_version {self.format_version} is newer than this craft-adapter "
+                               f"reads ({FORMAT_VERSION}); upgrade craft-adapter")
+        if self.format_version < 1:
+            raise AdapterError(f"invalid format_version {self.format_version}")
+        names = self.class_names
+        if not isinstance(names, list) or not names or not all(isinstance(c, str) and c for c in names):
+            raise AdapterError("class_names must be a non-empty list of non-empty strings")
+        if len(names) > MAX_CLASSES:
+            raise AdapterError(f"{len(names)} classes, over the limit of {MAX_CLASSES}")
+        if len(set(names)) != len(names):
+            raise AdapterError("class_names contains duplicates")
+        if not isinstance(self.template, str) or self.template.count("{}") != 1:
+            raise AdapterError(f"prompt template must contain exactly one '{{}}': {self.template!r}")
+        if self.mode not in ("soft", "text"):
+            raise AdapterError(f"unknown mode {self.mode!r}")
+        refiner_input(np.zeros(1), self.logit_kind)
+        if not np.isfinite(self.logit_scale):
+            raise AdapterError("logit_scale is not finite")
+        missing = [k for k in REFINER_KEYS if k not in self.refiner]
+        if missing:
+            raise AdapterError(f"adapter is missing refiner tensors {missing}")
+        c, h = self.n_classes, self.refiner["refiner.fc1.weight"].shape[0]
+        if not 1 <= h <= MAX_HIDDEN:
+            raise AdapterError(f"refiner hidden width {h} is outside 1..{MAX_HIDDEN}")
+        want = {"refiner.fc1.weight": (h, c), "refiner.fc1.bias": (h,),
+                "refiner.fc2.weight": (c, h), "refiner.fc2.bias": (c,)}
+        for k, shape in want.items():
+            t = self.refiner[k]
+            if t.shape != shape:
+                raise AdapterError(f"tensor {k} has shape {tuple(t.shape)}, expected {shape} "
+                                   f"for {c} classes and hidden {h}")
+            if t.dtype != np.float32 or not bounded(t):
+                raise AdapterError(f"tensor {k} must be finite float32 with |values| <= {MAX_ABS_VALUE:g}")
+        if self.mode == "soft" and (self.ctx is None or self.ctx.ndim != 2 or self.ctx.dtype != np.float32):
+            raise AdapterError("a soft-mode adapter needs a float32 prompt.ctx tensor [n_ctx, width]")
+        if self.ctx is not None and not bounded(self.ctx):
+            raise AdapterError(f"prompt.ctx is not finite or has |values| > {MAX_ABS_VALUE:g}")
+
+    def metadata(self) -> dict[str, Any]:
+        """The JSON metadata stored in the file."""
+        return {
+            "format_version": self.format_version, "mode": self.mode, "class_names": self.class_names,
+            "prompt": {"template": self.template, "learned_reading": self.prompt_reading},
+            "logits": {"kind": self.logit_kind, "scale": self.logit_scale,
+                       "refiner_input": "raw logits" if self.logit_kind == "logits" else "log(max(p, 1e-12))"},
+            "refiner": {"hidden": self.hidden, "activation": "relu", "residual": True},
+            "backend": self.backend, "fit": self.fit,
+        }
+
+    def to_bytes(self) -> bytes:
+        """Serialise deterministically: same adapter, same bytes."""
+        tensors = {k: np.ascontiguousarray(v) for k, v in self.refiner.items()}
+        if self.ctx is not None:
+            tensors[CTX_KEY] = np.ascontiguousarray(self.ctx)
+        meta = json.dumps(self.metadata(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return st_save(tensors, metadata={METADATA_KEY: meta})
+
+    def save(self, path: str | Path) -> Path:
+        """Write the adapter atomically to ``path``."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(self.to_bytes())
+        tmp.replace(path)
+        return path
+
+    def refine(self, scores: np.ndarray) -> np.ndarray:
+        """Refined logits ``[n, c]`` from vendor scores ``[n, c]`` with numpy (the reference forward)."""
+        x = refiner_input(scores, self.logit_kind)
+        r = self.refiner
+        h = np.maximum(x @ r["refiner.fc1.weight"].T + r["refiner.fc1.bias"], 0)
+        return x + h @ r["refiner.fc2.weight"].T + r["refiner.fc2.bias"]
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, source: str = "adapter") -> Adapter:
+        """Parse and validate an adapter from bytes; every check before allocation comes first."""
+        if len(raw) > MAX_FILE_BYTES:
+            raise AdapterError(f"{source} is {len(raw)} bytes, over the {MAX_FILE_BYTES}-byte limit for an adapter")
+        meta_map, table = read_header(raw, source)
+        fields = metadata_fields(parse_json(meta_map[METADATA_KEY], "craft_adapter metadata", source), source)
+        check_tensor_table(table, len(fields["class_names"]), source)
+        try:
+            tensors = st_load(raw)
+        except Exception as e:  # safetensors raises its own error types for corrupt payloads
+            raise AdapterError(f"{source}: corrupt tensor data ({e})") from None
+        got = {k: (v.dtype, v.shape) for k, v in tensors.items()}
+        if got != {k: (np.dtype(np.float32), t.shape) for k, t in table.items()}:  # never expected: belt and braces
+            raise AdapterError(f"{source}: safetensors read {got}, which disagrees with the checked header")
+        return cls(refiner={k: tensors[k] for k in REFINER_KEYS}, ctx=tensors.get(CTX_KEY), **fields)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Adapter:
+        """Read and validate an adapter file."""
+        path = Path(path)
+        return cls.from_bytes(read_adapter_bytes(path), str(path))

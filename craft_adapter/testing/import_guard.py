@@ -1,0 +1,39 @@
+"""The import guard: what a torch-free process may load, checked on the modules it really loaded.
+
+The import-linter contracts in ``pyproject.toml`` check the import graph statically; this checks a running
+process, which also catches imports made through strings, plug-ins or a dependency's own imports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# never in a process that only serves adapters: frameworks, the query cache's SQLite, the fit's modules
+HEAVY_TOP_LEVEL = frozenset({"torch", "torchvision", "open_clip", "open_clip_train", "sqlite3", "_sqlite3"})
+TRAINING_SIDE = ("craft_adapter.training", "craft_adapter.blackbox", "craft_adapter.cli", "craft_adapter.export",
+                 "craft_adapter.reference", "craft_adapter.vendors.open_clip_backend")
+
+
+def heavy_modules(loaded: Iterable[str]) -> list[str]:
+    """The modules in ``loaded`` from heavy frameworks (torch, open_clip) or SQLite."""
+    return sorted(m for m in loaded if m.split(".")[0] in HEAVY_TOP_LEVEL)
+
+
+def serve_violations(loaded: Iterable[str]) -> list[str]:
+    """The modules in ``loaded`` that a serving process must not load (heavy frameworks or training code)."""
+    return sorted(m for m in loaded if m.split(".")[0] in HEAVY_TOP_LEVEL
+                  or any(m == t or m.startswith(t + ".") for t in TRAINING_SIDE))
+
+
+def blocker_source(blocked: Iterable[str]) -> str:
+    """Python source that makes importing any of the top-level packages ``blocked`` fail, for ``python -c``."""
+    names = sorted(set(blocked))
+    return (
+        "import sys\n"
+        "class _Blocked:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {names!r}:\n"
+        "            raise ImportError(f'{name} is blocked: this process must not need it')\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, _Blocked())\n"
+    )

@@ -1,0 +1,143 @@
+"""The three prompt modules the fit loop drives: soft context (CMA-ES), text templates (word edits), and a fixed
+prompt (the refiner-only ablation). Each proposes candidates, says what scoring them costs, scores them
+through the black box, and learns from their fitness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from craft_adapter.blackbox.box import BlackBox
+from craft_adapter.training.config import FitConfig
+from craft_adapter.training.soft_prompt import SoftPromptSearch
+from craft_adapter.training.text_prompt import TextPromptSearch, word_vocabulary
+
+
+class SoftModule:
+    """Context vectors ``p0 + A z``; one generation is ``popsize`` queries on the whole few-shot set."""
+
+    max_generations: int | None = None
+
+    def __init__(self, box: BlackBox, cfg: FitConfig) -> None:
+        self.search = SoftPromptSearch(box.soft_prompt_init(cfg.init_prompt), cfg)
+        self._z: np.ndarray | None = None
+
+    def propose(self) -> list[np.ndarray]:
+        """A CMA-ES generation of contexts ``[n_ctx, width]``."""
+        self._z = self.search.ask()
+        return list(self.search.context(self._z))
+
+    def rows(self, used: int, budget: int) -> None:
+        """Every image, every generation."""
+        return None
+
+    def cost(self, box: BlackBox, cands: list, rows: Any) -> int:
+        """One query per candidate."""
+        return len(cands)
+
+    def score(self, box: BlackBox, cands: list, rows: Any) -> np.ndarray:
+        """Raw scores ``[p, n, c]``."""
+        return box.logits_soft(np.stack(cands))
+
+    def refiner_data(self, box: BlackBox, cand: Any, rows: Any, raw: np.ndarray) -> tuple[Any, np.ndarray]:
+        """What the refiner trains on: the candidate's scores on this generation's rows."""
+        return rows, raw
+
+    def tell(self, cands: list, fitness: np.ndarray) -> int:
+        """Update CMA-ES; index of the best candidate."""
+        self.search.tell(self._z, fitness)
+        return int(np.argmin(fitness))
+
+
+class FixedModule:
+    """One prompt that never changes: it is paid for once per image set, then reused."""
+
+    def __init__(self, box: BlackBox, cfg: FitConfig) -> None:
+        self.prompt = box.soft_prompt_init(cfg.init_prompt) if cfg.prompt == "soft" else cfg.template
+        self.max_generations = max(1, cfg.query_budget // cfg.popsize)  # as many refiner epochs as CraFT gets
+        self._memo: dict[int, np.ndarray] = {}
+
+    def propose(self) -> list:
+        """The fixed prompt."""
+        return [self.prompt]
+
+    def rows(self, used: int, budget: int) -> None:
+        """Every image."""
+        return None
+
+    def cost(self, box: BlackBox, cands: list, rows: Any) -> int:
+        """Nothing once paid; before, what the box says."""
+        if id(box) in self._memo:
+            return 0
+        return 1 if isinstance(self.prompt, np.ndarray) else box.text_cost([self.prompt])
+
+    def score(self, box: BlackBox, cands: list, rows: Any) -> np.ndarray:
+        """Raw scores ``[1, n, c]``, paid the first time only."""
+        if id(box) not in self._memo:
+            p = self.prompt
+            self._memo[id(box)] = box.logits_soft(p[None]) if isinstance(p, np.ndarray) else box.logits_text([p])
+        return self._memo[id(box)]
+
+    def refiner_data(self, box: BlackBox, cand: Any, rows: Any, raw: np.ndarray) -> tuple[Any, np.ndarray]:
+        """The fixed prompt's scores on every image."""
+        return rows, raw
+
+    def tell(self, cands: list, fitness: np.ndarray) -> int:
+        """Nothing to learn."""
+        return 0
+
+
+class TextModule:
+    """Templates evolved by word edits, scored on class-balanced minibatches that grow with the budget spent."""
+
+    max_generations: int | None = None
+
+    def __init__(self, box: BlackBox, cfg: FitConfig, labels: np.ndarray) -> None:
+        self.search = TextPromptSearch(cfg.template, word_vocabulary(cfg.vocab_size), cfg.text_children,
+                                       cfg.text_elites, cfg.seed)
+        self.cfg, self.labels = cfg, labels
+        self.rng = np.random.default_rng(cfg.seed + 104729)
+        self.by_class = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]
+        self.all_rows = box.capabilities.style == "embedding"  # a text call there costs the same for any rows
+
+    def propose(self) -> list[str]:
+        """The elites and new children."""
+        return self.search.propose()
+
+    def rows(self, used: int, budget: int) -> list[int] | None:
+        """``m`` images per class, ``m`` growing linearly from ``minibatch_start`` to ``minibatch_end``."""
+        if self.all_rows:
+            return None
+        cfg = self.cfg
+        m = round(cfg.minibatch_start + (cfg.minibatch_end - cfg.minibatch_start) * used / budget)
+        picks = [self.rng.choice(rows, size=min(m, len(rows)), replace=False) for rows in self.by_class]
+        return sorted(int(i) for i in np.concatenate(picks))
+
+    def cost(self, box: BlackBox, cands: list, rows: Any) -> int:
+        """Only the (image, template) pairs not paid before."""
+        return box.text_cost(cands, rows)
+
+    def score(self, box: BlackBox, cands: list, rows: Any) -> np.ndarray:
+        """Raw scores ``[p, m, c]``."""
+        return box.logits_text(cands, rows)
+
+    def refiner_data(self, box: BlackBox, cand: str, rows: Any, raw: np.ndarray) -> tuple[Any, np.ndarray]:
+        """Every image the template has been paid for so far (more than this generation's minibatch); free."""
+        if self.all_rows:
+            return rows, raw
+        paid = box.paid_rows(cand)
+        return paid, box.logits_text([cand], paid)[0]
+
+    def tell(self, cands: list, fitness: np.ndarray) -> int:
+        """Select the elites; index of the best candidate."""
+        return self.search.tell(cands, fitness)
+
+
+def make_prompt_module(box: BlackBox, cfg: FitConfig, labels: np.ndarray) -> SoftModule | FixedModule | TextModule:
+    """The module for ``cfg.prompt`` and ``cfg.train_prompt``."""
+    if not cfg.train_prompt:
+        return FixedModule(box, cfg)
+    if cfg.prompt == "soft":
+        return SoftModule(box, cfg)
+    return TextModule(box, cfg, labels)

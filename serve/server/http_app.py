@@ -1,0 +1,238 @@
+"""The adapter server: a shipped adapter in front of a zero-shot vendor, over HTTP (Starlette on uvicorn).
+
+Endpoints (errors answer ``{"error": message, "type": type}`` with the status below):
+
+- ``POST /v1/classify``: one image as raw bytes (``image/*``, ``application/octet-stream``), a multipart file
+  part, or JSON ``{"image": <base64>}``. Answers ``{"label", "probability", "top": [{"label", "probability"}],
+  "vendor_scores"?}``. Query: ``top_k`` (default 5), ``vendor_scores=true`` adds the vendor's raw scores.
+- ``POST /v1/classify/batch``: several images as multipart file parts or JSON ``{"images": [<base64>, ...]}``;
+  answers ``{"results": [<one image's answer>, ...]}`` in order. All or nothing.
+- ``POST /`` and ``POST /zero-shot-image-classification``: the Hugging Face zero-shot-image-classification
+  request; answers ``[{"label", "score"}]``, best first, with the *refined* probabilities. Candidate labels must
+  be classes of the adapter (the answer is renormalised over them); the hypothesis template is ignored, because
+  the adapter's learned prompt is what it was fitted with.
+- ``GET /healthz`` (alive), ``GET /readyz`` (adapter loaded and vendor reachable), ``GET /metrics``
+  (Prometheus), ``GET /`` and ``GET /v1/info`` (classes, prompt, limits).
+
+Statuses: 400 bad request or damaged image, 413 body/image/batch too large, 415 not a supported image or body
+type, 502 vendor failed or replied unusably, 503 vendor unreachable, rate limiting or busy (with Retry-After
+when known), 504 vendor timeout. The server keeps no state between requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from anyio import to_thread
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from craft_adapter.serve.server.access import AccessMiddleware
+from craft_adapter.serve.server.inputs import ApiError, classify_options, decoded_all, hf_request, request_images
+from craft_adapter.serve.server.logs import SERVER_LOGGER, setup_logging
+from craft_adapter.serve.server.metrics import ServerMetrics
+from craft_adapter.serve.server.service import AdapterService, check_servable, top_answer, zero_shot_answer
+from craft_adapter.serve.server.settings import ServerConfig
+from craft_adapter.serve.server.vendor_pool import VendorFailure, ZeroShotVendorClient
+from craft_adapter.serve.shipped import ShippedAdapter
+from craft_adapter.vendors.credentials import Secret, redact_url
+
+Handler = Callable[[Request], Awaitable[Response]]
+READY_CACHE_S = 2.0
+
+
+def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The JSON error body every failure uses (``error`` is what Hugging Face clients show)."""
+    return JSONResponse({"error": message, "type": type_}, status_code=status, headers=headers)
+
+
+def _guarded(handler: Handler, metrics: ServerMetrics) -> Handler:
+    async def guarded(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ApiError as e:
+            request.state.error_type = e.type
+            return error_response(e.status, e.type, e.message, e.headers)
+        except VendorFailure as e:
+            request.state.error_type = e.type
+            metrics.vendor_errors.inc(e.type)
+            headers = {"Retry-After": str(max(1, round(e.retry_after)))} if e.retry_after is not None else None
+            return error_response(e.status, e.type, e.message, headers)
+        except Exception:  # a bug, not the client's fault: log it (scrubbed) and say nothing internal
+            request.state.error_type = "internal"
+            logging.getLogger(SERVER_LOGGER).exception("unhandled error")
+            return error_response(500, "internal", "internal server error; see the server log")
+    return guarded
+
+
+class _Endpoints:
+    """Request handlers over one :class:`AdapterService` (created in the app's lifespan)."""
+
+    def __init__(self, config: ServerConfig, adapter: ShippedAdapter, metrics: ServerMetrics,
+                 key: Secret | None) -> None:
+        self.config, self.adapter, self.metrics, self.key = config, adapter, metrics, key
+        self.service: AdapterService | None = None
+        self._ready: tuple[float, str | None] = (0.0, "starting")  # (checked at, reason not ready)
+
+    def _service(self) -> AdapterService:
+        if self.service is None:
+            raise ApiError(503, "not_ready", "the server is starting or stopping")
+        return self.service
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.config.request_timeout_s
+
+    async def _images(self, request: Request, batch: bool) -> list[bytes]:
+        raw = await request_images(request, self.config.max_body_bytes, self.config.max_batch, batch)
+        request.state.images = len(raw)
+        return await decoded_all(raw, self.config.max_image_pixels, to_thread.run_sync)
+
+    async def classify(self, request: Request) -> Response:
+        """POST /v1/classify: one image."""
+        service = self._service()
+        top_k, with_vendor = classify_options(request, len(service.class_names), self.config.top_k)
+        deadline = self._deadline()
+        result = await service.classify(await self._images(request, batch=False), deadline)
+        self.metrics.images.inc()
+        return JSONResponse(top_answer(service.class_names, result.probabilities[0],
+                                       result.vendor_scores[0] if with_vendor else None, top_k))
+
+    async def classify_batch(self, request: Request) -> Response:
+        """POST /v1/classify/batch: several images, all answered or none."""
+        service = self._service()
+        top_k, with_vendor = classify_options(request, len(service.class_names), self.config.top_k)
+        deadline = self._deadline()
+        result = await service.classify(await self._images(request, batch=True), deadline)
+        self.metrics.images.inc(amount=len(result.probabilities))
+        names = service.class_names
+        return JSONResponse({"results": [
+            top_answer(names, p, v if with_vendor else None, top_k)
+            for p, v in zip(result.probabilities, result.vendor_scores, strict=True)]})
+
+    async def hf_zero_shot(self, request: Request) -> Response:
+        """POST / (Hugging Face zero-shot-image-classification shape), answered with refined probabilities."""
+        service = self._service()
+        deadline = self._deadline()
+        image, labels = await hf_request(request, self.config.max_body_bytes)
+        unknown = [label for label in labels or [] if label not in service.index]
+        if unknown:
+            raise ApiError(400, "unknown_labels", f"candidate labels {unknown[:5]} are not classes of this adapter; "
+                           f"it knows {service.class_names[:20]}")
+        request.state.images = 1
+        checked = await decoded_all([image], self.config.max_image_pixels, to_thread.run_sync)
+        result = await service.classify(checked, deadline)
+        self.metrics.images.inc()
+        return JSONResponse(zero_shot_answer(service.class_names, service.index, result.probabilities[0], labels))
+
+    async def info(self, request: Request) -> Response:
+        """GET /v1/info: what this server serves, and its limits."""
+        a, c = self.adapter, self.config
+        return JSONResponse({
+            "adapter": {"source": a.source, "classes": a.class_names, "template": a.template, "mode": a.mode,
+                        "format_version": a.format_version, "refiner_providers": a.providers},
+            "vendor": {"url": redact_url(c.vendor_url), "protocol": "hf-zero-shot-image-classification",
+                       "authenticated": self.key is not None},
+            "limits": {"max_body_bytes": c.max_body_bytes, "max_batch": c.max_batch,
+                       "max_image_pixels": c.max_image_pixels, "request_timeout_s": c.request_timeout_s},
+            "endpoints": {"classify": "POST /v1/classify", "batch": "POST /v1/classify/batch",
+                          "hugging_face": "POST /", "health": "GET /healthz", "ready": "GET /readyz",
+                          "metrics": "GET /metrics"}})
+
+    async def healthz(self, request: Request) -> Response:
+        """GET /healthz: the process answers."""
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        """GET /readyz: ready to classify (adapter loaded, vendor accepts connections); 503 with the reason."""
+        checked_at, reason = self._ready
+        if time.monotonic() - checked_at > READY_CACHE_S:
+            reason = "starting or stopping" if self.service is None else await self._vendor_reason()
+            self._ready = (time.monotonic(), reason)
+        if reason is None:
+            return JSONResponse({"status": "ready"})
+        return error_response(503, "not_ready", reason)
+
+    async def _vendor_reason(self) -> str | None:
+        url = urlsplit(self.config.vendor_url)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:  # a TCP connect costs the vendor nothing, unlike a scoring call
+            async with asyncio.timeout(1.0):
+                _, writer = await asyncio.open_connection(url.hostname, port)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        except (OSError, TimeoutError):
+            return f"the vendor at {redact_url(self.config.vendor_url)} does not accept connections"
+        return None
+
+    async def metrics_text(self, request: Request) -> Response:
+        """GET /metrics: Prometheus text format."""
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 500)
+    type_ = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+    return error_response(status, type_, f"{request.method} {request.url.path}: {getattr(exc, 'detail', '')}; "
+                          "see GET /v1/info for the endpoints", getattr(exc, "headers", None))
+
+
+def create_app(config: ServerConfig, key: Secret | None = None) -> Starlette:
+    """The ASGI app for ``config``; loads and checks the adapter now, connects to the vendor on startup."""
+    key = config.vendor_key() if key is None else key
+    setup_logging(config.log_level, key)
+    adapter = ShippedAdapter.load(config.adapter, config.device)
+    check_servable(adapter)
+    metrics = ServerMetrics()
+    endpoints = _Endpoints(config, adapter, metrics, key)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        client = ZeroShotVendorClient(config, adapter.class_names, adapter.template, metrics, key)
+        endpoints.service = AdapterService(adapter, client)
+        logging.getLogger(SERVER_LOGGER).info(
+            "serving %s (%d classes) in front of %s", adapter.source, adapter.n_classes,
+            redact_url(config.vendor_url), extra={"fields": {"event": "startup"}})
+        try:
+            yield
+        finally:
+            endpoints.service = None
+            await client.aclose()
+            logging.getLogger(SERVER_LOGGER).info("stopped", extra={"fields": {"event": "shutdown"}})
+
+    e = endpoints
+
+    def route(path: str, handler: Handler, method: str) -> Route:
+        return Route(path, _guarded(handler, metrics), methods=[method])
+
+    routes = [route("/v1/classify", e.classify, "POST"), route("/v1/classify/batch", e.classify_batch, "POST"),
+              route("/", e.hf_zero_shot, "POST"), route("/zero-shot-image-classification", e.hf_zero_shot, "POST"),
+              route("/", e.info, "GET"), route("/v1/info", e.info, "GET"), route("/healthz", e.healthz, "GET"),
+              route("/readyz", e.readyz, "GET"), route("/metrics", e.metrics_text, "GET")]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
+    app.add_middleware(AccessMiddleware, metrics=metrics, access_log=config.access_log)
+    app.state.config, app.state.metrics = config, metrics
+    return app
+
+
+def app_from_env() -> Starlette:
+    """The app configured from ``CRAFT_SERVE_*`` variables: the factory each worker process calls."""
+    return create_app(ServerConfig.from_env())
+
+
+def uvicorn_options(config: ServerConfig) -> dict[str, Any]:
+    """The uvicorn settings for ``config`` (graceful shutdown, concurrency bound, our own logging)."""
+    from craft_adapter.serve.server.logs import uvicorn_log_config
+
+    return {"log_config": uvicorn_log_config(), "access_log": False, "log_level": config.log_level,
+            "timeout_graceful_shutdown": int(config.graceful_timeout_s), "server_header": False,
+            "limit_concurrency": config.max_requests_in_flight, "lifespan": "on", "backlog": 4096}

@@ -1,0 +1,184 @@
+"""The server's async client for a Hugging Face zero-shot vendor: timeouts, retries, a bound on calls in flight.
+
+One call scores one image against the adapter's learned prompt. Each attempt has its own timeout, and the
+whole call has a deadline (the client request's). Retried: 429, 5xx, timeouts, dropped connections and
+malformed replies (classification is idempotent), with exponential backoff and full jitter; a ``Retry-After``
+from the vendor sets the least wait. A reply is used only when it is complete and well formed: valid JSON,
+each of the adapter's labels exactly once, finite probabilities that sum to 1. Anything else fails the call
+with a :class:`VendorFailure` carrying the HTTP status the client gets. The key goes only into the request
+header; messages are scrubbed of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Sequence
+
+import httpx
+import numpy as np
+
+from craft_adapter.serve.server.metrics import ServerMetrics
+from craft_adapter.serve.server.settings import ServerConfig
+from craft_adapter.vendors.credentials import Secret, redact_url
+from craft_adapter.vendors.replies import VendorError, parse_retry_after, parse_zero_shot
+
+POOL_SHARD_SIZE = 8  # connections per httpx pool
+TRICKLE_GRACE_S = 0.5
+
+# failure type -> HTTP status the client gets
+STATUS = {"vendor_unreachable": 503, "vendor_rate_limited": 503, "vendor_busy": 503, "vendor_timeout": 504,
+          "vendor_error": 502, "vendor_bad_reply": 502, "vendor_rejected": 502}
+
+
+class VendorFailure(Exception):
+    """The vendor could not give a usable answer; ``type`` and ``status`` say how the client is told."""
+
+    def __init__(self, type_: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.type, self.status, self.retry_after = type_, STATUS[type_], retry_after
+        self.message = message
+
+
+
+
+
+
+class ZeroShotVendorClient:
+    """Scores images with the adapter's labels and template at a zero-shot vendor, within the config's limits."""
+
+    def __init__(self, config: ServerConfig, labels: Sequence[str], template: str, metrics: ServerMetrics,
+                 key: Secret | None = None, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.config, self.labels, self.template, self.metrics = config, list(labels), template, metrics
+        self._key = key
+        self._url_shown = redact_url(config.vendor_url)
+        self._slots = asyncio.Semaphore(config.max_vendor_in_flight)
+        headers = {"Content-Type": "application/json"}
+        if key is not None:
+            scheme = config.vendor_auth_scheme
+            headers[config.vendor_auth_header] = f"{scheme} {key.reveal()}" if scheme else key.reveal()
+        # httpcore's pool does work per request that grows with its connection count times its queue, so the
+        # connections are spread over small pools; each call takes the least busy one, so while the semaphore
+        # admits a call, its pool has a free connection (a call never waits in a full pool beside an idle one)
+        shards = -(-config.max_vendor_in_flight // POOL_SHARD_SIZE)
+        per_shard = -(-config.max_vendor_in_flight // shards)
+        limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard, keepalive_expiry=30)
+        self._pools = [httpx.AsyncClient(headers=headers, limits=limits, timeout=config.vendor_timeout_s,
+                                         transport=transport, follow_redirects=False) for _ in range(shards)]
+        self._busy = [0] * shards  # calls open per pool
+        self._random = random.Random()
+
+    async def aclose(self) -> None:
+        """Close pooled connections."""
+        for pool in self._pools:
+            await pool.aclose()
+
+    def _payload(self, image_b64: str) -> bytes:
+        return json.dumps({"inputs": image_b64, "parameters": {
+            "candidate_labels": self.labels, "hypothesis_template": self.template}}).encode()
+
+    async def scores(self, image_b64: str, deadline: float) -> np.ndarray:
+        """Vendor probabilities ``[c]`` for one base64 image, by ``deadline`` (``time.monotonic()``), or a failure."""
+        payload = self._payload(image_b64)
+        attempts = self.config.vendor_retries + 1
+        for attempt in range(attempts):
+            try:
+                return await self._attempt(payload, deadline)
+            except VendorFailure as failure:
+                retryable = failure.type not in ("vendor_rejected", "vendor_busy")
+                if not retryable or attempt == attempts - 1:
+                    raise
+                wait = self._backoff(attempt, failure.retry_after)
+                if time.monotonic() + wait >= deadline:
+                    raise  # not enough time left to wait and try again; the client learns why now
+                self.metrics.vendor_retries.inc()
+                await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        jitter = self._random.uniform(0, min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** attempt))
+        return jitter if retry_after is None else retry_after + jitter
+
+    async def _attempt(self, payload: bytes, deadline: float) -> np.ndarray:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise VendorFailure("vendor_timeout", f"no answer from the vendor within the request's "
+                                f"{self.config.request_timeout_s:g} s")
+        try:
+            async with asyncio.timeout(remaining):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise VendorFailure("vendor_busy", f"all {self.config.max_vendor_in_flight} vendor call slots stayed "
+                                "busy until the request's deadline; retry later or add workers") from None
+        self.metrics.vendor_in_flight.add(1)
+        started = time.perf_counter()
+        outcome = "cancelled"  # what is left if the call is abandoned (a batch sibling failed, the client left)
+        try:
+            budget = min(self.config.vendor_timeout_s, deadline - time.monotonic())
+            response = await self._post(payload, budget)
+            self._raise_for_status(response)
+            scores = parse_zero_shot(response.content, self.labels)
+            outcome = "ok"
+            return scores
+        except VendorError as e:
+            outcome = "bad_reply"
+            raise VendorFailure("vendor_bad_reply", f"the vendor at {self._url_shown} sent an unusable reply: "
+                                f"{self._scrub(str(e))}") from None
+        except VendorFailure as f:
+            outcome = f.type.removeprefix("vendor_")
+            raise
+        finally:
+            self._slots.release()
+            self.metrics.vendor_in_flight.add(-1)
+            self.metrics.vendor_calls.inc(outcome)
+            self.metrics.vendor_latency.observe(time.perf_counter() - started)
+
+    async def _post(self, payload: bytes, budget: float) -> httpx.Response:
+        where = self._url_shown
+        try:
+            # httpx's own timeouts end a slow call cleanly; the outer one only guards against a reply that
+            # trickles in byte by byte (cancelling inside httpcore can strand a pooled connection)
+            async with asyncio.timeout(max(budget, 0.0) + TRICKLE_GRACE_S):
+                return await self._post_on_idlest_pool(payload, max(budget, 0.001))
+        except (TimeoutError, httpx.TimeoutException) as e:
+            if isinstance(e, httpx.ConnectTimeout):
+                raise VendorFailure("vendor_unreachable", f"cannot connect to the vendor at {where} "
+                                    "(connect timed out)") from None
+            raise VendorFailure("vendor_timeout", f"the vendor at {where} did not answer within "
+                                f"{budget:.3g} s") from None
+        except httpx.ConnectError:
+            raise VendorFailure("vendor_unreachable", f"cannot connect to the vendor at {where} "
+                                "(connection refused or host unreachable)") from None
+        except httpx.HTTPError as e:  # dropped connection, protocol error mid-reply
+            raise VendorFailure("vendor_error", f"the connection to the vendor at {where} failed mid-reply "
+                                f"({type(e).__name__})") from None
+
+    async def _post_on_idlest_pool(self, payload: bytes, budget: float) -> httpx.Response:
+        shard = min(range(len(self._pools)), key=self._busy.__getitem__)
+        self._busy[shard] += 1
+        try:
+            return await self._pools[shard].post(self.config.vendor_url, content=payload, timeout=budget)
+        finally:
+            self._busy[shard] -= 1
+
+    def _raise_for_status(self, response: httpx.Response) -> None:
+        code = response.status_code
+        if code == 200:
+            return
+        detail = self._scrub(response.text[:200].replace("\n", " "))
+        where = self._url_shown
+        if code == 429:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            raise VendorFailure("vendor_rate_limited", f"the vendor at {where} is rate limiting us (HTTP 429)",
+                                retry_after)
+        if code >= 500:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            raise VendorFailure("vendor_error", f"the vendor at {where} failed (HTTP {code}: {detail})", retry_after)
+        hint = " (check the vendor API key)" if code in (401, 403) else ""
+        raise VendorFailure("vendor_rejected", f"the vendor at {where} refused the request (HTTP {code}: "
+                            f"{detail}){hint}")
+
+    def _scrub(self, text: str) -> str:
+        return self._key.scrub(text) if self._key is not None else text
