@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 CLASSES = ["ankle boot", "bag", "coat", "sandal"]
 
 

@@ -13,6 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
+from craft_adapter.artifact import adapter_file as artifact
 from craft_adapter.artifact.adapter_file import (
     MAX_CLASSES,
     MAX_CTX_TOKENS,
@@ -26,7 +27,6 @@ from craft_adapter.artifact.adapter_file import (
     Adapter,
     AdapterError,
 )
-from craft_adapter.artifact import adapter_file as artifact
 
 # isort: split
 from craft_adapter.artifact.onnx_check import MAX_OPSET, MIN_OPSET, check_refiner_onnx

@@ -19,7 +19,7 @@ from craft_adapter.artifact.adapter_file import Adapter, AdapterError
 from craft_adapter.export.onnx_export import trace_refiner
 
 EXAMPLES = 500  # per loader
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_loaders.py"
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "fuzz_loaders.py"
 
 
 def _load_benchmark() -> ModuleType:

@@ -28,7 +28,7 @@ from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 from craft_adapter.export import export_onnx
 from craft_adapter.serve import HfInferenceVendor
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 N_TEST = 300
 RUNTIME_PACKAGES = ["numpy", "safetensors", "onnxruntime", "pillow", "huggingface_hub", "setuptools>=68", "wheel"]
 
