@@ -16,9 +16,10 @@ from craft_adapter.serve.runtime import AdapterRuntime, Prediction, Predictions,
 from craft_adapter.serve.session import make_session
 from craft_adapter.serve.shipped import ShippedAdapter
 from craft_adapter.serve.vendor_binding import bind_vendor
+from craft_adapter.vendors.faults import VendorError
 from craft_adapter.vendors.http_clients import EmbeddingApiVendor, HfInferenceVendor, HttpZeroShotVendor
 from craft_adapter.vendors.protocols import CallableVendor
-from craft_adapter.vendors.replies import VendorError, check_scores
+from craft_adapter.vendors.replies import check_scores
 
 __all__ = [
     "AdapterError", "AdapterRuntime", "CallableVendor", "EmbeddingApiVendor", "HfInferenceVendor",

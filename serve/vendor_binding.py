@@ -4,10 +4,10 @@ Three shapes are accepted, checked in this order:
 
 - a :class:`CallableVendor`, or any plain callable ``(images, prompts) -> scores [n_images, n_prompts]``:
   the prompts are the adapter's template filled with each class name, in the adapter's class order;
-- an embedding vendor (the :class:`~craft_adapter.boundary.EmbeddingBackend` protocol: ``embed_images``,
+- an embedding vendor (the :class:`~craft_adapter.vendors.protocols.EmbeddingBackend` protocol: ``embed_images``,
   ``embed_texts``). Its scores are cosine logits, ``adapter.logit_scale * cos(image_emb, text_emb)``, with the
-  scale recorded at fit time and both embeddings L2-normalised here, as in fit;
-- a scoring vendor (the :class:`~craft_adapter.boundary.ScoringBackend` protocol: ``score(image, labels,
+  scale recorded at fit time and both embeddings L2-normalised here (:func:`~craft_adapter.vendors.replies.unit_rows`);
+- a scoring vendor (the :class:`~craft_adapter.vendors.protocols.ScoringBackend` protocol: ``score(image, labels,
   template)``), such as the Hugging Face zero-shot clients in :mod:`craft_adapter.vendors.http_clients`.
 """
 
@@ -22,17 +22,9 @@ from PIL import Image
 from craft_adapter.artifact.adapter_file import AdapterError
 from craft_adapter.serve.shipped import ShippedAdapter
 from craft_adapter.vendors.protocols import CallableVendor, EmbeddingBackend, ScoringBackend, fill
-from craft_adapter.vendors.replies import check_scores
+from craft_adapter.vendors.replies import check_answer, unit_rows
 
 Scores = Callable[[Sequence[Image.Image]], np.ndarray]  # images -> raw vendor scores [n, c]
-
-
-
-
-
-
-
-
 
 
 def _returns(vendor: Any) -> str | None:
@@ -77,18 +69,14 @@ def _cosine_scores(vendor: Any, scale: float, class_embeddings: Callable[[], Any
 
     def scores(images: Sequence[Image.Image]) -> np.ndarray:
         if not cache:  # the prompt never changes, so its text embeddings are fetched once, on first use
-            cache.append(_unit(class_embeddings()))  # [c, d]
-        return scale * (_unit(vendor.embed_images(images)) @ cache[0].T)  # [n, c]
+            cache.append(unit_rows(class_embeddings()))  # [c, d]
+        return scale * (unit_rows(vendor.embed_images(images)) @ cache[0].T)  # [n, c]
     return scores
 
 
 def _scoring_scores(vendor: Any, images: Sequence[Image.Image], names: list[str], template: str) -> np.ndarray:
     out = np.empty((len(images), len(names)), np.float32)
     for i, image in enumerate(images):  # one vendor call per image: that is what a scoring API sells
-        out[i] = check_scores(np.reshape(vendor.score(image, names, template), (1, -1)), 1, len(names))[0]
+        out[i] = check_answer(vendor.score(image, names, template), (len(names),))
     return out
 
-
-def _unit(x: Any) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))

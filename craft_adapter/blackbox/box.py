@@ -16,26 +16,12 @@ from PIL import Image
 
 from craft_adapter.blackbox.meter import QueryMeter
 from craft_adapter.blackbox.query_cache import BackendCache, QueryCache, array_key, digest, image_key
-from craft_adapter.blackbox.retried_calls import Caller, RetryPolicy, checked
+from craft_adapter.blackbox.retried_calls import Caller, RetryPolicy
 from craft_adapter.vendors.protocols import Capabilities, EmbeddingBackend, ScoringBackend, SoftPromptBackend, fill
+from craft_adapter.vendors.replies import check_answer
 
 if TYPE_CHECKING:
     from craft_adapter.blackbox.pair_scorer import PairScorer
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 @dataclass
@@ -98,7 +84,7 @@ class BlackBox:
         if not todo:
             self.meter.cached_calls += 1
         else:
-            fresh = self._caller.call(lambda: request(todo), lambda a: checked(a, (len(todo), *shape)),
+            fresh = self._caller.call(lambda: request(todo), lambda a: check_answer(a, (len(todo), *shape)),
                                       f"a {kind} request for {len(todo)} inputs")
             new = {keys[j]: fresh[n] for n, j in enumerate(todo)}
             self._store.put(kind, new)

@@ -19,8 +19,9 @@ from PIL import Image
 
 from craft_adapter.blackbox.meter import QueryMeter
 from craft_adapter.blackbox.query_cache import BackendCache, digest, image_key
-from craft_adapter.blackbox.retried_calls import Caller, checked
+from craft_adapter.blackbox.retried_calls import Caller
 from craft_adapter.vendors.protocols import ScoringBackend
+from craft_adapter.vendors.replies import check_answer
 
 
 class RateLimiter:
@@ -88,7 +89,8 @@ class PairScorer:
             return self.backend.score(self.images[i], self.class_names, template)
 
         try:
-            scores = self.caller.call(send, lambda a: checked(a, (c,), self.probabilities), "a scoring call")
+            scores = self.caller.call(send, lambda a: check_answer(a, (c,), probabilities=self.probabilities),
+                                      "a scoring call")
             self.store.put("score", {key: scores})  # kept on disk before it is used
         except BaseException as e:
             self._abort = self._abort or e

@@ -1,9 +1,12 @@
 """Calling a vendor during a fit: check every answer, retry transient faults, stop cleanly on persistent ones.
 
 A fault is *transient* when sending the same call again may succeed: a timeout, a refused or reset connection,
-HTTP 408/425/429/5xx, a reply cut short or not JSON, a reply with missing or unknown labels, NaN or
-out-of-range scores. Those are retried with jittered exponential backoff (honouring ``Retry-After``). Anything
-else the vendor says (HTTP 400, 401, 403, 404...) will not change on a retry, so the fit stops at once. So does a
+an HTTP status :func:`~craft_adapter.vendors.faults.is_transient_status` names (408, 425, 429, 5xx), or any reply
+the vendor rules refuse (a transient :class:`~craft_adapter.vendors.faults.VendorError`: cut short, not JSON,
+missing or unknown labels, NaN or out-of-range scores). Those are retried after
+:func:`~craft_adapter.vendors.faults.backoff_delay` (jittered exponential, honouring ``Retry-After``): the same
+rules the adapter server follows. Anything else the vendor says (HTTP 400, 401, 403, 404...) will not change on
+a retry, so the fit stops at once. So does a
 transient fault that outlasts the retries, or more failed calls than the policy allows in all. Stopping raises
 :class:`VendorUnavailable`; every answer paid before it is already in the cache, so ``fit --resume`` goes on.
 
@@ -13,14 +16,13 @@ answers a fit uses, which is what makes a fit with faults end with the same adap
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-import numpy as np
+from craft_adapter.vendors.faults import backoff_delay, is_transient_status, parse_retry_after
 
 if TYPE_CHECKING:
     from craft_adapter.blackbox.meter import QueryMeter
@@ -33,13 +35,10 @@ class VendorUnavailable(RuntimeError):
     """The vendor failed persistently; nothing more was sent. Answers paid so far are kept."""
 
 
-class MalformedAnswer(RuntimeError):
-    """A vendor reply that arrived but cannot be used (wrong shape, NaN, scores out of range)."""
-
-
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How hard to try: ``retries`` per call, backoff ``backoff_s * 2**k`` (capped, jittered), a cap on failures."""
+    """How hard to try: ``retries`` per call, backoff from ``backoff_s`` doubling up to ``max_backoff_s``, a cap on
+    failures."""
 
     retries: int = 5
     backoff_s: float = 0.5
@@ -53,28 +52,21 @@ class RetryPolicy:
             raise ValueError("max_failed_calls must be non-negative")
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
-        """Seconds to wait before retry number ``attempt`` (0-based): the vendor's hint if larger."""
-        base = min(self.max_backoff_s, self.backoff_s * 2 ** attempt)
-        wait = base * (0.5 + random.random() / 2)  # jitter: concurrent callers do not retry in lockstep
-        return max(wait, min(retry_after or 0.0, self.max_backoff_s * 4))
+        """Seconds to wait before retry number ``attempt`` (0-based), the vendor's ``retry_after`` at least."""
+        return backoff_delay(attempt, self.backoff_s, self.max_backoff_s, retry_after)
 
 
 def classify(exc: BaseException) -> tuple[bool, float | None] | None:
     """``(transient, retry_after)`` for a vendor fault, or ``None`` when ``exc`` is not one (a bug: re-raise)."""
-    if isinstance(exc, MalformedAnswer):
-        return True, None
     transient = getattr(exc, "transient", None)
-    if isinstance(transient, bool):  # craft_adapter.serve.VendorError and anything shaped like it
+    if isinstance(transient, bool):  # VendorError (every refused reply among them) and anything shaped like it
         return transient, getattr(exc, "retry_after", None)
     response = getattr(exc, "response", None)  # requests / httpx errors, huggingface_hub's HfHubHTTPError
     status = getattr(response, "status_code", None)
     if isinstance(status, int):
-        retry_after = getattr(response, "headers", {}).get("Retry-After")
-        try:
-            hint = float(retry_after) if retry_after is not None else None
-        except ValueError:
-            hint = None
-        return status in (408, 425, 429) or status >= 500, hint
+        if not is_transient_status(status):
+            return False, None
+        return True, parse_retry_after((getattr(response, "headers", None) or {}).get("Retry-After"))
     if isinstance(exc, (TimeoutError, ConnectionError, OSError)):
         return True, None
     return None
@@ -133,17 +125,3 @@ class Caller:
                 self.stopped = VendorUnavailable(message)
             return self.stopped
 
-
-def checked(arr: object, shape: tuple[int | None, ...], probabilities: bool = False) -> np.ndarray:
-    """``arr`` as finite float32 of ``shape`` (``None``: any size), in [0, 1] if probabilities, or MalformedAnswer."""
-    try:
-        a = np.asarray(arr, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise MalformedAnswer(f"the vendor answered {type(arr).__name__}, not numbers") from None
-    if a.ndim != len(shape) or any(want is not None and got != want for got, want in zip(a.shape, shape, strict=True)):
-        raise MalformedAnswer(f"the vendor answered shape {a.shape}, expected {shape}")
-    if not np.isfinite(a).all():
-        raise MalformedAnswer("the vendor answered NaN or infinite scores")
-    if probabilities and ((a < -1e-6).any() or (a > 1 + 1e-6).any()):
-        raise MalformedAnswer("the vendor answered probabilities outside [0, 1]")
-    return a

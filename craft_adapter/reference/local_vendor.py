@@ -34,8 +34,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from craft_adapter.vendors.protocols import EmbeddingBackend, fill
+from craft_adapter.vendors.replies import read_zero_shot_request, zero_shot_reply
 
-HF_DEFAULT_TEMPLATE = "This is a photo of {}."
 MAX_BODY_BYTES = 32 << 20
 MAX_INPUTS = 4096
 TEXT_CACHE_SIZE = 64
@@ -103,24 +103,20 @@ class VendorService:
         logits = self.backend.logit_scale * (self.embed_images([image]) @ text.T)[0]  # [c]
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
-        order = np.argsort(-probs, kind="stable")
-        return [{"label": labels[i], "score": float(probs[i])} for i in order]
+        return zero_shot_reply(labels, probs)
 
     def handle(self, path: str, body: Any) -> Any:
         """The JSON answer to a POST of ``body`` to ``path``; raises RequestError or UnknownEndpoint."""
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
         if path in ("/", "/zero-shot-image-classification"):
-            params = body.get("parameters") or {}
-            labels = params.get("candidate_labels") if isinstance(params, dict) else None
-            if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-                raise RequestError("parameters.candidate_labels must be a non-empty list of strings")
-            if len(labels) > MAX_INPUTS or len(set(labels)) != len(labels):
-                raise RequestError(f"candidate_labels must be distinct and at most {MAX_INPUTS}")
-            template = params.get("hypothesis_template") or HF_DEFAULT_TEMPLATE
-            if not isinstance(template, str) or template.count("{}") != 1:
-                raise RequestError("parameters.hypothesis_template must contain exactly one '{}'")
-            return self.zero_shot(decode_image(body.get("inputs")), labels, template)
+            try:
+                request = read_zero_shot_request(body)
+            except ValueError as e:
+                raise RequestError(str(e)) from None
+            if len(request.labels) > MAX_INPUTS:
+                raise RequestError(f"candidate_labels must be at most {MAX_INPUTS}")
+            return self.zero_shot(decode_image(request.image_b64), request.labels, request.template)
         if path in ("/embed/images", "/embed/texts"):
             inputs = body.get("inputs")
             if not isinstance(inputs, list) or not inputs or len(inputs) > MAX_INPUTS:

@@ -13,7 +13,8 @@ Faults, applied per call: first any scripted in :attr:`StubVendor.script` (in or
 ``fault_rate`` one drawn from ``fault_kinds`` by a seeded generator. Kinds:
 
 - ``timeout``: sleep ``hang_s`` before answering normally (the caller should have given up);
-- ``500``: HTTP 500; ``503``: HTTP 503; ``429``: HTTP 429 with ``Retry-After: retry_after``;
+- ``500``, ``503``, ``408``, ``425``, ``400``: that HTTP status; ``429``: HTTP 429 with ``Retry-After: retry_after``
+  (seconds, or an HTTP date);
 - ``malformed``: a 200 whose body is not complete JSON; ``truncated``: a 200 that promises more bytes than it
   sends, then closes the connection;
 - ``wrong_labels``: a well-formed answer with one label renamed; ``missing_label``: one label left out;
@@ -36,8 +37,11 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from craft_adapter.vendors.replies import read_zero_shot_request, zero_shot_reply
+
 FAULT_KINDS = ("timeout", "500", "429", "malformed", "wrong_labels")
 ALL_FAULT_KINDS = (*FAULT_KINDS, "503", "truncated", "missing_label", "not_probabilities", "nan", "401")
+STATUS_KINDS = ("400", "408", "425")  # scripted only: plain statuses, to pin which ones a client retries
 UPSTREAM_TIMEOUT_S = 120.0
 
 
@@ -68,6 +72,7 @@ class StubVendor(ThreadingHTTPServer):
         self.calls: Counter[str] = Counter()  # by what was answered: ok or the fault kind
         self.upstream_errors = 0  # forwarded calls the upstream failed (its status passed through)
         self.last_headers: dict[str, str] = {}
+        self.last_body = b""  # the last request body, as sent
         self.in_flight = self.max_in_flight = 0  # calls being answered now, and the most ever at once
         self._lock = threading.Lock()
         self._random = random.Random(seed)
@@ -149,7 +154,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.server.last_headers = dict(self.headers.items())
+        self.server.last_headers, self.server.last_body = dict(self.headers.items()), raw
         with self.server._lock:
             self.server.in_flight += 1
             self.server.max_in_flight = max(self.server.max_in_flight, self.server.in_flight)
@@ -163,15 +168,16 @@ class _Handler(BaseHTTPRequestHandler):
         kind = self.server.next_fault()
         if self.server.latency_s > 0:
             time.sleep(self.server.latency_s)
-        try:
-            body = json.loads(raw)
-            image, labels = body["inputs"], list(body["parameters"]["candidate_labels"])
-        except (ValueError, KeyError, TypeError):
-            self._send(400, b'{"error": "expected {\\"inputs\\": ..., \\"parameters\\": {\\"candidate_labels\\"}}"}')
-            return
+        request = None
+        if not self.server.upstream:  # a proxy forwards the body as it came; the upstream judges it
+            try:
+                request = read_zero_shot_request(json.loads(raw))  # the request rule every client follows
+            except ValueError as e:  # not JSON, or not a zero-shot request
+                self._send(400, json.dumps({"error": str(e)}).encode())
+                return
         if kind == "timeout":
             time.sleep(self.server.hang_s)
-        elif kind in ("500", "503"):
+        elif kind in ("500", "503", *STATUS_KINDS):
             self._send(int(kind), b'{"error": "internal vendor failure"}')
             return
         elif kind == "401":
@@ -195,9 +201,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(502, b'{"error": "the upstream did not answer JSON"}')
                 return
         else:
-            probs = stub_probabilities(image, labels)
-            answer = [{"label": lab, "score": float(p)} for lab, p in zip(labels, probs, strict=True)]
-            answer.sort(key=lambda e: -e["score"])
+            labels = request.labels  # type: ignore[union-attr] (read above whenever there is no upstream)
+            answer = zero_shot_reply(labels, stub_probabilities(request.image_b64, labels))  # type: ignore[union-attr]
         if kind == "wrong_labels":
             answer[-1]["label"] = answer[-1]["label"] + " (renamed)"
         elif kind == "missing_label":

@@ -1,7 +1,9 @@
 """Vendor keys and URLs: read a key from a variable or a file, send it in one header, never print it.
 
-A key is held as a :class:`Secret` (``repr`` and ``str`` are ``***``); URLs are shown without credentials or
-query string (:func:`redact_url`); error bodies are scrubbed of every header value that may carry a key.
+A key is held as a :class:`Secret` (``repr`` and ``str`` are ``***``) and sent only by :func:`auth_headers`;
+a vendor URL is checked by :func:`check_vendor_url` (fit and the server alike) and shown without credentials or
+query string (:func:`redact_url`); text is scrubbed of secrets by :func:`scrub_secrets` alone, whether the secret
+is a :class:`Secret` or the header values a client sent (:func:`header_secrets`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class Secret:
 
     def scrub(self, text: str) -> str:
         """``text`` with every occurrence of the secret replaced by ``***``."""
-        return text.replace(self._value, "***") if self._value else text
+        return scrub_secrets(text, [self._value])
 
     def __repr__(self) -> str:
         return "Secret('***')"
@@ -58,6 +60,15 @@ def auth_headers(key: Secret | None, header: str = "Authorization", scheme: str 
     return {header: f"{scheme} {key.reveal()}" if scheme else key.reveal()}
 
 
+def check_vendor_url(url: str) -> None:
+    """Refuse (``ValueError``) a vendor URL that is not ``http(s)://host...`` or that carries credentials."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"vendor URL must be http(s)://host[:port]/path, got {redact_url(url)!r}")
+    if parts.username or parts.password:
+        raise ValueError("put the vendor key in an environment variable or a file, not in the vendor URL")
+
+
 def redact_url(url: str) -> str:
     """``url`` without credentials or query string (where some APIs carry keys): scheme, host, port, path."""
     parts = urlsplit(url)
@@ -76,8 +87,8 @@ def header_secrets(items: Any) -> list[str]:
 
 
 def scrub_secrets(text: str, secrets: list[str]) -> str:
-    """``text`` with each of ``secrets`` replaced by ``***``."""
-    for secret in secrets:
+    """``text`` with each of ``secrets`` (longest first, empty ones skipped) replaced by ``***``."""
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
 

@@ -25,8 +25,9 @@ import numpy as np
 from PIL import Image
 
 from craft_adapter.vendors.credentials import header_secrets, redact_url, scrub_secrets
+from craft_adapter.vendors.faults import VendorError, status_error
 from craft_adapter.vendors.protocols import Capabilities
-from craft_adapter.vendors.replies import VendorError, scores_by_label
+from craft_adapter.vendors.replies import check_answer, unit_rows, zero_shot_request, zero_shot_scores
 
 ZERO_SHOT = Capabilities(style="scoring", text_prompts=True, soft_prompts=False, returns="probabilities")
 EMBEDDING = Capabilities(style="embedding", text_prompts=True, soft_prompts=False, returns="logits")
@@ -42,8 +43,6 @@ def image_png(image: Image.Image) -> bytes:
 def image_base64(image: Image.Image) -> str:
     """``image`` as base64 PNG, the form the Hugging Face protocol sends."""
     return base64.b64encode(image_png(image)).decode("ascii")
-
-
 
 
 def post_json(url: str, payload: Any, headers: dict[str, str] | None = None, timeout: float = 60.0) -> Any:
@@ -66,9 +65,7 @@ def _json_answer(request: urllib.request.Request, timeout: float) -> Any:
             body = response.read()
     except urllib.error.HTTPError as e:
         detail = scrub_secrets(e.read()[:500].decode("utf-8", "replace"), secrets)
-        transient = e.code in (408, 425, 429) or e.code >= 500
-        raise VendorError(f"{url} answered HTTP {e.code}: {detail}", transient=transient, status=e.code,
-                          retry_after=_seconds(e.headers.get("Retry-After"))) from None
+        raise status_error(f"{url} answered HTTP {e.code}: {detail}", e.code, e.headers.get("Retry-After")) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
         reason = scrub_secrets(str(getattr(e, "reason", e)) or type(e).__name__, secrets)
         raise VendorError(f"cannot reach the vendor at {url} ({reason}); is it running? "
@@ -79,22 +76,12 @@ def _json_answer(request: urllib.request.Request, timeout: float) -> Any:
         raise VendorError(f"{url} did not answer JSON: {scrub_secrets(repr(body[:200]), secrets)}") from None
 
 
-
-
-
-
-def _seconds(value: str | None) -> float | None:
-    """A Retry-After header in seconds (the delay form; an HTTP date is ignored)."""
+def _zero_shot_scores(answer: Any, labels: Sequence[str], where: str) -> np.ndarray:
+    """The one zero-shot reply rule (:func:`zero_shot_scores`), its refusal naming the endpoint."""
     try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _pairs(answer: Any, url: str) -> list[tuple[str, float]]:
-    if not isinstance(answer, list) or not all(isinstance(e, dict) and "label" in e and "score" in e for e in answer):
-        raise VendorError(f"{url} did not answer a zero-shot list [{{'label', 'score'}}]: {str(answer)[:200]}")
-    return [(str(e["label"]), float(e["score"])) for e in answer]
+        return zero_shot_scores(answer, labels)
+    except VendorError as e:
+        raise VendorError(f"{where} sent an unusable zero-shot reply: {e}") from None
 
 
 class HfInferenceVendor:
@@ -118,7 +105,10 @@ class HfInferenceVendor:
         # this client sends bytes (not PIL images) base64-encoded when parameters are given
         answer = self.client.zero_shot_image_classification(
             image_png(image), candidate_labels=list(labels), hypothesis_template=template)
-        return scores_by_label(((e.label, float(e.score)) for e in answer), labels)
+        # the client decodes the JSON into its own element objects; the reply rule reads them back as JSON reads
+        decoded = [e if isinstance(e, dict) else {"label": getattr(e, "label", None),
+                                                  "score": getattr(e, "score", None)} for e in answer]
+        return _zero_shot_scores(decoded, labels, "the Hugging Face endpoint")
 
 
 class HttpZeroShotVendor:
@@ -132,10 +122,9 @@ class HttpZeroShotVendor:
 
     def score(self, image: Image.Image, labels: Sequence[str], template: str) -> np.ndarray:
         """Probabilities ``[c]`` for one image, in ``labels`` order."""
-        payload = {"inputs": image_base64(image),
-                   "parameters": {"candidate_labels": list(labels), "hypothesis_template": template}}
-        answer = post_json(self.url, payload, self.headers, self.timeout)
-        return scores_by_label(_pairs(answer, redact_url(self.url)), labels)
+        answer = post_json(self.url, zero_shot_request(image_base64(image), labels, template), self.headers,
+                           self.timeout)
+        return _zero_shot_scores(answer, labels, self.identity["url"])
 
 
 class EmbeddingApiVendor:
@@ -170,12 +159,6 @@ class EmbeddingApiVendor:
     def _embed(self, kind: str, inputs: list[str]) -> np.ndarray:
         url = f"{self.url}/embed/{kind}"
         answer = post_json(url, {"inputs": inputs}, self.headers, self.timeout)
-        shown = redact_url(url)
-        try:
-            emb = np.asarray(answer["embeddings"], dtype=np.float32)
-        except (KeyError, TypeError, ValueError):
-            raise VendorError(f"{shown} did not answer {{'embeddings': [[...], ...]}}: {str(answer)[:200]}") from None
-        if emb.ndim != 2 or len(emb) != len(inputs) or not np.isfinite(emb).all():
-            raise VendorError(f"{shown} answered embeddings of shape {emb.shape} for {len(inputs)} inputs, or "
-                              "non-finite values; expected one finite vector per input")
-        return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), np.float32(1e-12))
+        if not isinstance(answer, dict) or "embeddings" not in answer:
+            raise VendorError(f"{redact_url(url)} did not answer {{'embeddings': [[...], ...]}}: {str(answer)[:200]}")
+        return unit_rows(check_answer(answer["embeddings"], (len(inputs), None), source=redact_url(url)))

@@ -149,6 +149,9 @@ class OpenClipBackend:
         return path
 
     # -- image side ---------------------------------------------------------------------------------
+    # The L2 normalisation here stays in torch, on the model's device, rather than vendors.replies.unit_rows: it is
+    # the model's own last step, and numpy's norm rounds differently (the last bit of ~20-30% of entries), which
+    # would change every adapter fitted on this backend.
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """L2-normalised image embeddings ``[n, d]``, through the model's own preprocessing."""

@@ -1,32 +1,65 @@
-"""One copy of every rule about what a vendor answers: typed vendor errors, Retry-After, zero-shot replies, scores.
+"""One copy of every rule about what goes to a vendor and what comes back: zero-shot requests and replies, scores.
 
-Fit, eval, the runtime and the server all read vendor replies through these functions, so a reply one of them
-accepts, all of them accept.
+Fit, eval, the runtime, the server and the two fake vendors (:mod:`craft_adapter.testing.stub_vendor`,
+:mod:`craft_adapter.reference.local_vendor`) build and read the Hugging Face zero-shot protocol through these
+functions, and check every score array through :func:`check_answer`, so a reply one of them accepts, all of them
+accept, and a reply one refuses, all refuse. Every refusal is a transient :class:`VendorError`: a garbled reply
+may come out right when the same call is sent again.
 """
 
 from __future__ import annotations
 
-import email.utils
 import json
-import math
-import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from craft_adapter.vendors.faults import VendorError
 
-class VendorError(RuntimeError):
-    """A vendor answered something the adapter cannot use; the message says what and how to fix it.
+# A zero-shot reply's scores are a softmax over the labels. A float32 softmax (the reference vendor's) sums to 1
+# within ~1e-6; the slack is for vendors that round their scores (4 decimals over 20 labels: <= 1e-3), while a
+# reply with doubled, halved or missing scores is far outside it.
+PROBABILITY_SUM_TOLERANCE = 1e-3
+PROBABILITY_RANGE_TOLERANCE = 1e-6  # a float32 softmax can land a hair outside [0, 1]
+HF_DEFAULT_TEMPLATE = "This is a photo of {}."  # Hugging Face's hypothesis_template when none is sent
 
-    ``transient`` says whether the same call may succeed if sent again (timeouts, 429, 5xx, garbled replies);
-    ``retry_after`` is the vendor's own hint in seconds, ``status`` the HTTP status when there was one.
-    """
 
-    def __init__(self, message: str, *, transient: bool = True, status: int | None = None,
-                 retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.transient, self.status, self.retry_after = transient, status, retry_after
+@dataclass(frozen=True)
+class ZeroShotRequest:
+    """A zero-shot request as a vendor reads it: one base64 image, the candidate labels, the template."""
+
+    image_b64: str
+    labels: list[str]
+    template: str
+
+
+def zero_shot_request(image_b64: str, labels: Sequence[str], template: str) -> dict[str, Any]:
+    """The JSON body of a Hugging Face zero-shot-image-classification request for one base64 image."""
+    return {"inputs": image_b64, "parameters": {"candidate_labels": list(labels), "hypothesis_template": template}}
+
+
+def read_zero_shot_request(body: Any) -> ZeroShotRequest:
+    """A decoded request body as a :class:`ZeroShotRequest`; ``ValueError`` saying what is wrong otherwise."""
+    params = body.get("parameters") if isinstance(body, dict) else None
+    labels = params.get("candidate_labels") if isinstance(params, dict) else None
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise ValueError("parameters.candidate_labels must be a non-empty list of strings")
+    if len(set(labels)) != len(labels):
+        raise ValueError("candidate_labels must be distinct")
+    template = params.get("hypothesis_template") or HF_DEFAULT_TEMPLATE
+    if not isinstance(template, str) or template.count("{}") != 1:
+        raise ValueError("parameters.hypothesis_template must contain exactly one '{}'")
+    if not isinstance(body.get("inputs"), str):
+        raise ValueError("inputs must be a base64 image string")
+    return ZeroShotRequest(body["inputs"], labels, template)
+
+
+def zero_shot_reply(labels: Sequence[str], scores: Any) -> list[dict[str, Any]]:
+    """A zero-shot reply: ``[{"label", "score"}, ...]`` best first (ties in label order), as Hugging Face sends."""
+    scores = np.asarray(scores)
+    return [{"label": labels[i], "score": float(scores[i])} for i in np.argsort(-scores, kind="stable")]
 
 
 def scores_by_label(pairs: Iterable[tuple[str, float]], labels: Sequence[str]) -> np.ndarray:
@@ -48,57 +81,64 @@ def scores_by_label(pairs: Iterable[tuple[str, float]], labels: Sequence[str]) -
     return np.asarray([got[c] for c in labels], dtype=np.float32)
 
 
-def check_scores(scores: Any, n: int, c: int, source: str = "the vendor") -> np.ndarray:
-    """``scores`` as float32 ``[n, c]``, or a :class:`VendorError` naming what is wrong and the fix."""
-    try:
-        arr = np.asarray(scores, dtype=np.float32)
-    except (TypeError, ValueError):  # ragged rows, strings, objects
-        raise VendorError(f"{source} returned scores that are not a numeric array ({type(scores).__name__}); "
-                          f"expected {n} rows of {c} numbers, one per class in the adapter's class order") from None
-    if arr.shape != (n, c):
-        raise VendorError(f"{source} returned scores of shape {arr.shape}, expected ({n}, {c}): one score per "
-                          f"image for each of the adapter's {c} classes, in the adapter's class order")
-    if not np.isfinite(arr).all():
-        bad = sorted({int(i) for i in np.argwhere(~np.isfinite(arr))[:, 0]})
-        raise VendorError(f"{source} returned NaN or inf scores for image(s) {bad[:10]}; the refiner needs "
-                          "finite scores. Check the images and the vendor's response before retrying")
-    return arr
+def zero_shot_scores(answer: Any, labels: Sequence[str]) -> np.ndarray:
+    """Probabilities ``[c]`` in ``labels`` order from a decoded zero-shot reply; :class:`VendorError` unless usable.
 
-
-PROBABILITY_SUM_TOLERANCE = 1e-3
-
-
-MAX_RETRY_AFTER_S = 300.0
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta seconds or an HTTP date), or None if absent/bad."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S) if math.isfinite(seconds) else None
+    Usable: a list of ``{"label": str, "score": number}``, each label exactly once, finite probabilities summing
+    to 1 (within :data:`PROBABILITY_SUM_TOLERANCE`).
+    """
+    if not isinstance(answer, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("label"), str) and isinstance(e.get("score"), (int, float))
+            and not isinstance(e.get("score"), bool) for e in answer):
+        raise VendorError(f"the reply is not a zero-shot list [{{'label': str, 'score': number}}, ...]: "
+                          f"{str(answer)[:200]}")
+    scores = scores_by_label(((e["label"], e["score"]) for e in answer), labels)
+    scores = check_answer(scores, (len(labels),), probabilities=True)
+    if abs(float(scores.sum()) - 1.0) > PROBABILITY_SUM_TOLERANCE:
+        raise VendorError(f"the reply's scores are not probabilities over the labels (sum {float(scores.sum()):.4g})")
+    return scores
 
 
 def parse_zero_shot(body: bytes, labels: Sequence[str]) -> np.ndarray:
-    """Probabilities ``[c]`` in ``labels`` order from a zero-shot reply body; :class:`VendorError` unless usable."""
+    """Probabilities ``[c]`` in ``labels`` order from a reply body (JSON bytes), as :func:`zero_shot_scores` reads."""
     try:
         answer = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise VendorError(f"the reply is not complete JSON ({len(body)} bytes)") from None
-    if not isinstance(answer, list) or not all(
-            isinstance(e, dict) and isinstance(e.get("label"), str) and isinstance(e.get("score"), (int, float))
-            and not isinstance(e.get("score"), bool) for e in answer):
-        raise VendorError("the reply is not a zero-shot list [{'label': str, 'score': number}, ...]")
-    scores = check_scores(scores_by_label(((e["label"], e["score"]) for e in answer), labels)[None], 1, len(labels))
-    if (scores < 0).any() or (scores > 1).any() or abs(float(scores.sum()) - 1.0) > PROBABILITY_SUM_TOLERANCE:
-        raise VendorError(f"the reply's scores are not probabilities over the labels (sum {float(scores.sum()):.4g})")
-    return scores[0]
+    return zero_shot_scores(answer, labels)
 
+
+def check_answer(arr: Any, shape: tuple[int | None, ...], *, probabilities: bool = False,
+                 source: str = "the vendor") -> np.ndarray:
+    """``arr`` as finite float32 of ``shape`` (``None``: any size), in [0, 1] if ``probabilities``; else VendorError."""
+    try:
+        a = np.asarray(arr, dtype=np.float32)
+    except (TypeError, ValueError):  # ragged rows, strings, objects
+        rows = f"{shape[0]} rows of {shape[1]} numbers" if len(shape) == 2 and None not in shape else f"shape {shape}"
+        raise VendorError(f"{source} returned scores that are not a numeric array ({type(arr).__name__}); "
+                          f"expected {rows}, one per class in the adapter's class order") from None
+    if a.ndim != len(shape) or any(want is not None and got != want for got, want in zip(a.shape, shape, strict=True)):
+        wanted = str(tuple("any" if w is None else w for w in shape)).replace("'", "")
+        raise VendorError(f"{source} returned scores of shape {a.shape}, expected {wanted}: one score per image "
+                          "for each of the adapter's classes, in the adapter's class order")
+    if not np.isfinite(a).all():
+        bad = sorted({int(i) for i in np.argwhere(~np.isfinite(a))[:, 0]}) if a.ndim > 1 else []
+        where = f" for image(s) {bad[:10]}" if bad else ""
+        raise VendorError(f"{source} returned NaN or inf scores{where}; the refiner needs finite scores. Check the "
+                          "images and the vendor's response before retrying")
+    tol = PROBABILITY_RANGE_TOLERANCE
+    if probabilities and ((a < -tol).any() or (a > 1 + tol).any()):
+        raise VendorError(f"{source} returned probabilities outside [0, 1] (min {float(a.min()):.4g}, "
+                          f"max {float(a.max()):.4g}); the reply's scores are not probabilities")
+    return a
+
+
+def check_scores(scores: Any, n: int, c: int, source: str = "the vendor") -> np.ndarray:
+    """``scores`` as float32 ``[n, c]``, or a :class:`VendorError` naming what is wrong and the fix."""
+    return check_answer(scores, (n, c), source=source)
+
+
+def unit_rows(x: Any) -> np.ndarray:
+    """``x`` as float32 with each row (last axis) scaled to unit L2 norm; an all-zero row stays zero."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))

@@ -1,12 +1,14 @@
 """The server's async client for a Hugging Face zero-shot vendor: timeouts, retries, a bound on calls in flight.
 
 One call scores one image against the adapter's learned prompt. Each attempt has its own timeout, and the
-whole call has a deadline (the client request's). Retried: 429, 5xx, timeouts, dropped connections and
-malformed replies (classification is idempotent), with exponential backoff and full jitter; a ``Retry-After``
-from the vendor sets the least wait. A reply is used only when it is complete and well formed: valid JSON,
-each of the adapter's labels exactly once, finite probabilities that sum to 1. Anything else fails the call
-with a :class:`VendorFailure` carrying the HTTP status the client gets. The key goes only into the request
-header; messages are scrubbed of it.
+whole call has a deadline (the client request's). The vendor rules are fit's (:mod:`craft_adapter.vendors`):
+retried are the statuses :func:`~craft_adapter.vendors.faults.is_transient_status` names (408, 425, 429, 5xx),
+timeouts, dropped connections and replies :func:`~craft_adapter.vendors.replies.parse_zero_shot` refuses
+(classification is idempotent), after :func:`~craft_adapter.vendors.faults.backoff_delay` with this server's own
+``backoff_base_s``/``backoff_max_s``; a ``Retry-After`` (seconds or an HTTP date) sets the least wait. The request
+is :func:`~craft_adapter.vendors.replies.zero_shot_request`'s. Anything unusable fails the call with a
+:class:`VendorFailure` carrying the HTTP status the client gets. The key goes only into the request header
+(:func:`~craft_adapter.vendors.credentials.auth_headers`); messages are scrubbed of it as fit's client scrubs them.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import numpy as np
 
 from craft_adapter.serve.server.metrics import ServerMetrics
 from craft_adapter.serve.server.settings import ServerConfig
-from craft_adapter.vendors.credentials import Secret, redact_url
-from craft_adapter.vendors.replies import VendorError, parse_retry_after, parse_zero_shot
+from craft_adapter.vendors.credentials import Secret, auth_headers, header_secrets, redact_url, scrub_secrets
+from craft_adapter.vendors.faults import VendorError, backoff_delay, is_transient_status, parse_retry_after
+from craft_adapter.vendors.replies import parse_zero_shot, zero_shot_request
 
 POOL_SHARD_SIZE = 8  # connections per httpx pool
 TRICKLE_GRACE_S = 0.5
@@ -42,23 +45,17 @@ class VendorFailure(Exception):
         self.message = message
 
 
-
-
-
-
 class ZeroShotVendorClient:
     """Scores images with the adapter's labels and template at a zero-shot vendor, within the config's limits."""
 
     def __init__(self, config: ServerConfig, labels: Sequence[str], template: str, metrics: ServerMetrics,
                  key: Secret | None = None, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.config, self.labels, self.template, self.metrics = config, list(labels), template, metrics
-        self._key = key
         self._url_shown = redact_url(config.vendor_url)
         self._slots = asyncio.Semaphore(config.max_vendor_in_flight)
-        headers = {"Content-Type": "application/json"}
-        if key is not None:
-            scheme = config.vendor_auth_scheme
-            headers[config.vendor_auth_header] = f"{scheme} {key.reveal()}" if scheme else key.reveal()
+        auth = auth_headers(key, config.vendor_auth_header, config.vendor_auth_scheme)
+        self._secrets = header_secrets(auth.items())
+        headers = {"Content-Type": "application/json", **auth}
         # httpcore's pool does work per request that grows with its connection count times its queue, so the
         # connections are spread over small pools; each call takes the least busy one, so while the semaphore
         # admits a call, its pool has a free connection (a call never waits in a full pool beside an idle one)
@@ -75,17 +72,21 @@ class ZeroShotVendorClient:
         for pool in self._pools:
             await pool.aclose()
 
-    def _payload(self, image_b64: str) -> bytes:
-        return json.dumps({"inputs": image_b64, "parameters": {
-            "candidate_labels": self.labels, "hypothesis_template": self.template}}).encode()
+    def _payload(self, image_b64: str, labels: Sequence[str], template: str) -> bytes:
+        return json.dumps(zero_shot_request(image_b64, labels, template)).encode()
 
-    async def scores(self, image_b64: str, deadline: float) -> np.ndarray:
-        """Vendor probabilities ``[c]`` for one base64 image, by ``deadline`` (``time.monotonic()``), or a failure."""
-        payload = self._payload(image_b64)
+    async def scores(self, image_b64: str, deadline: float, labels: Sequence[str] | None = None,
+                     template: str | None = None) -> np.ndarray:
+        """Vendor probabilities ``[c]`` for one base64 image, by ``deadline`` (``time.monotonic()``), or a failure.
+
+        ``labels`` and ``template`` default to the client's own; a multi-adapter server passes each adapter's.
+        """
+        labels = self.labels if labels is None else labels
+        payload = self._payload(image_b64, labels, self.template if template is None else template)
         attempts = self.config.vendor_retries + 1
         for attempt in range(attempts):
             try:
-                return await self._attempt(payload, deadline)
+                return await self._attempt(payload, deadline, labels)
             except VendorFailure as failure:
                 retryable = failure.type not in ("vendor_rejected", "vendor_busy")
                 if not retryable or attempt == attempts - 1:
@@ -98,10 +99,10 @@ class ZeroShotVendorClient:
         raise AssertionError("unreachable")
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        jitter = self._random.uniform(0, min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** attempt))
-        return jitter if retry_after is None else retry_after + jitter
+        return backoff_delay(attempt, self.config.backoff_base_s, self.config.backoff_max_s, retry_after,
+                             self._random.random)
 
-    async def _attempt(self, payload: bytes, deadline: float) -> np.ndarray:
+    async def _attempt(self, payload: bytes, deadline: float, labels: Sequence[str]) -> np.ndarray:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise VendorFailure("vendor_timeout", f"no answer from the vendor within the request's "
@@ -119,7 +120,7 @@ class ZeroShotVendorClient:
             budget = min(self.config.vendor_timeout_s, deadline - time.monotonic())
             response = await self._post(payload, budget)
             self._raise_for_status(response)
-            scores = parse_zero_shot(response.content, self.labels)
+            scores = parse_zero_shot(response.content, labels)
             outcome = "ok"
             return scores
         except VendorError as e:
@@ -169,16 +170,15 @@ class ZeroShotVendorClient:
             return
         detail = self._scrub(response.text[:200].replace("\n", " "))
         where = self._url_shown
-        if code == 429:
+        if is_transient_status(code):
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            raise VendorFailure("vendor_rate_limited", f"the vendor at {where} is rate limiting us (HTTP 429)",
-                                retry_after)
-        if code >= 500:
-            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            if code == 429:
+                raise VendorFailure("vendor_rate_limited", f"the vendor at {where} is rate limiting us (HTTP 429)",
+                                    retry_after)
             raise VendorFailure("vendor_error", f"the vendor at {where} failed (HTTP {code}: {detail})", retry_after)
         hint = " (check the vendor API key)" if code in (401, 403) else ""
         raise VendorFailure("vendor_rejected", f"the vendor at {where} refused the request (HTTP {code}: "
                             f"{detail}){hint}")
 
     def _scrub(self, text: str) -> str:
-        return self._key.scrub(text) if self._key is not None else text
+        return scrub_secrets(text, self._secrets)

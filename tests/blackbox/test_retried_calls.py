@@ -10,15 +10,9 @@ import pytest
 from craft_adapter.blackbox.box import BlackBox
 from craft_adapter.blackbox.meter import QueryMeter
 from craft_adapter.blackbox.query_cache import QueryCache
-from craft_adapter.blackbox.retried_calls import (
-    Caller,
-    MalformedAnswer,
-    RetryPolicy,
-    VendorUnavailable,
-    checked,
-    classify,
-)
-from craft_adapter.vendors.replies import VendorError
+from craft_adapter.blackbox.retried_calls import Caller, RetryPolicy, VendorUnavailable, classify
+from craft_adapter.vendors.faults import VendorError
+from craft_adapter.vendors.replies import check_answer
 
 
 def http_error(status: int, retry_after: str | None = None) -> Exception:
@@ -33,11 +27,15 @@ def http_error(status: int, retry_after: str | None = None) -> Exception:
     (VendorError("401", transient=False, status=401), (False, None)),
     (VendorError("429", status=429, retry_after=2.0), (True, 2.0)),
     (http_error(429, "3"), (True, 3.0)),
+    (http_error(429, "Wed, 21 Oct 2015 07:28:00 GMT"), (True, 0.0)),  # an HTTP date, long past: no wait
+    (http_error(408), (True, None)),
+    (http_error(425), (True, None)),
     (http_error(502), (True, None)),
     (http_error(400), (False, None)),
+    (http_error(404, "3"), (False, None)),
     (TimeoutError(), (True, None)),
     (ConnectionResetError(), (True, None)),
-    (MalformedAnswer("nan"), (True, None)),
+    (VendorError("the reply is not complete JSON"), (True, None)),  # a refused reply: a transient VendorError
     (ValueError("a bug in our code"), None),
     (KeyError("x"), None),
 ])
@@ -62,10 +60,13 @@ def test_transient_faults_are_retried_with_backoff_and_retry_after() -> None:
     slept: list[float] = []
     meter = QueryMeter()
     caller = Caller(meter, RetryPolicy(retries=3, backoff_s=0.1), sleep=slept.append)
-    fn = Flaky(TimeoutError(), VendorError("429", status=429, retry_after=7.0), MalformedAnswer("nan"))
+    with pytest.raises(VendorError) as refused:  # a NaN answer, refused by the one score check
+        check_answer([np.nan], (1,))
+    fn = Flaky(TimeoutError(), VendorError("429", status=429, retry_after=7.0), refused.value)
     assert caller.call(fn, lambda a: a, "a call") == 1.0
     assert fn.calls == 4 and meter.failed_calls == 3 and meter.paid_calls == 1
-    assert 0.05 <= slept[0] <= 0.1 and slept[1] == 7.0 and 0.2 <= slept[2] <= 0.4  # jittered doubling; hint wins
+    # full jitter under the doubling cap (0.1, 0.2, 0.4 s); the vendor's hint is the least wait, jitter on top
+    assert 0 <= slept[0] <= 0.1 and 7.0 <= slept[1] <= 7.2 and 0 <= slept[2] <= 0.4
 
 
 def test_gives_up_after_the_retries_and_then_sends_nothing() -> None:
@@ -100,13 +101,16 @@ def test_the_cap_on_failed_calls_stops_the_fit() -> None:
     assert meter.failed_calls == 4 and meter.paid_calls == 3
 
 
-def test_checked_answers() -> None:
-    np.testing.assert_array_equal(checked([0.2, 0.8], (2,), probabilities=True), np.float32([0.2, 0.8]))
-    assert checked(np.zeros((3, 5)), (3, None)).shape == (3, 5)
-    for bad, shape, probs in (([0.2, float("nan")], (2,), False), ([0.5, 1.5], (2,), True), ([1, 2, 3], (2,), False),
-                              ("x", (1,), False), ([[1.0]], (1, 2), False)):
-        with pytest.raises(MalformedAnswer):
-            checked(bad, shape, probs)
+@pytest.mark.parametrize(("bad", "shape", "probs"), [
+    ([0.2, float("nan")], (2,), False), ([0.5, 1.5], (2,), True), ([1, 2, 3], (2,), False), ("x", (1,), False),
+    ([[1.0]], (1, 2), False)])
+def test_every_answer_check_failure_is_retried(bad: object, shape: tuple, probs: bool) -> None:
+    """Whatever the one score check refuses, the caller retries: no special case for malformed answers."""
+    meter = QueryMeter()
+    answers = iter([bad, np.zeros(shape, np.float32)])
+    got = Caller(meter, RetryPolicy(retries=1, backoff_s=0), sleep=lambda s: None).call(
+        lambda: next(answers), lambda a: check_answer(a, shape, probabilities=probs), "a call")
+    assert got.shape == shape and meter.failed_calls == 1 and meter.paid_calls == 1
 
 
 class NanOnceEmbedder:

@@ -27,6 +27,7 @@ from craft_adapter.vendors.protocols import fill
 from craft_adapter.export import export_onnx
 from craft_adapter.serve import EmbeddingApiVendor, HfInferenceVendor, HttpZeroShotVendor, load_runtime
 from craft_adapter.vendors.http_clients import image_base64
+from craft_adapter.vendors.replies import PROBABILITY_SUM_TOLERANCE, zero_shot_request, zero_shot_scores
 
 NAMES = ["t-shirt", "trouser", "pullover", "dress"]
 
@@ -82,6 +83,17 @@ def test_speaks_the_hugging_face_zero_shot_protocol(server: VendorHTTPServer, ba
     want = in_process_scores(backend, [image], "a blurry photo of a {}.", "probabilities")[0]
     got = {e["label"]: e["score"] for e in answer}
     assert np.abs(np.array([got[c] for c in NAMES]) - want).max() <= 1e-6
+
+
+def test_its_replies_pass_the_one_reply_rule_far_inside_the_sum_tolerance(server: VendorHTTPServer) -> None:
+    """Its scores are float32 softmax outputs: they sum to 1 within ~1e-6, far inside the reply rule's slack."""
+    labels = [f"class {k}" for k in range(10)] + NAMES
+    worst = 0.0
+    for image in random_images(20, seed=11):
+        status, answer = post(server.url, zero_shot_request(image_base64(image), labels, "a photo of a {}."))
+        scores = zero_shot_scores(answer, labels)  # refuses anything fit or the server would refuse
+        worst = max(worst, abs(float(np.float64(scores).sum()) - 1))
+    assert status == 200 and worst < PROBABILITY_SUM_TOLERANCE / 100
 
 
 @pytest.mark.parametrize("body, status, message", [

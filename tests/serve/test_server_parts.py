@@ -1,12 +1,11 @@
-"""The adapter server's parts without a server: reply checks, Retry-After, backoff, config, metrics, torch-free."""
+"""The adapter server's parts without a server: backoff, config, metrics, torch-free (the vendor rules it shares
+with fit are tested in tests/vendors)."""
 
 from __future__ import annotations
 
-import email.utils
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,44 +16,8 @@ from craft_adapter.serve.server.metrics import ServerMetrics
 from craft_adapter.serve.server.settings import ServerConfig
 from craft_adapter.serve.server.vendor_pool import ZeroShotVendorClient
 from craft_adapter.vendors.credentials import Secret, redact_url
-from craft_adapter.vendors.replies import VendorError, parse_retry_after, parse_zero_shot
 
 LABELS = ["a", "b", "c"]
-
-
-def reply(pairs: list[tuple[object, object]]) -> bytes:
-    return json.dumps([{"label": lab, "score": s} for lab, s in pairs]).encode()
-
-
-def test_a_complete_reply_is_read_in_label_order() -> None:
-    got = parse_zero_shot(reply([("c", 0.5), ("a", 0.2), ("b", 0.3)]), LABELS)
-    assert got.tolist() == pytest.approx([0.2, 0.3, 0.5])
-
-
-@pytest.mark.parametrize("body, message", [
-    (reply([("a", 0.2), ("b", 0.3), ("c", 0.5)])[:-5], "not complete JSON"),
-    (b'{"label": "a"}', "not a zero-shot list"),
-    (reply([("a", 0.5), ("b", 0.5)]), "no score for classes ['c']"),
-    (reply([("a", 0.2), ("b", 0.3), ("d", 0.5)]), "labels the adapter does not know ['d']"),
-    (reply([("a", 0.2), ("a", 0.3), ("c", 0.5)]), "twice"),
-    (reply([("a", "0.2"), ("b", 0.3), ("c", 0.5)]), "not a zero-shot list"),
-    (reply([("a", True), ("b", 0.3), ("c", 0.5)]), "not a zero-shot list"),
-    (b'[{"label": "a", "score": NaN}, {"label": "b", "score": 0.5}, {"label": "c", "score": 0.5}]', "NaN"),
-    (reply([("a", 0.4), ("b", 0.6), ("c", 0.6)]), "not probabilities"),
-    (reply([("a", -0.1), ("b", 0.6), ("c", 0.5)]), "not probabilities"),
-])
-def test_partial_or_malformed_replies_are_refused(body: bytes, message: str) -> None:
-    with pytest.raises(VendorError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        parse_zero_shot(body, LABELS)
-
-
-def test_retry_after_seconds_and_dates() -> None:
-    assert parse_retry_after("3") == 3.0 and parse_retry_after(" 0.5 ") == 0.5
-    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
-    now = time.time()
-    assert parse_retry_after(email.utils.formatdate(now + 20, usegmt=True), now=now) == pytest.approx(20, abs=1)
-    assert parse_retry_after(email.utils.formatdate(now - 20, usegmt=True), now=now) == 0.0
-    assert parse_retry_after("99999") == 300.0 and parse_retry_after("-4") == 0.0
 
 
 def test_backoff_is_jittered_exponential_and_honours_retry_after() -> None:
