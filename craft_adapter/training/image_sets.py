@@ -1,7 +1,13 @@
-"""Labelled image sets: class-per-subfolder folders, Fashion-MNIST idx files, and k-shot sampling."""
+"""Labelled image sets: class-per-subfolder folders and k-shot sampling.
+
+A folder is listed, not decoded: its images decode when first used, so a fit at ``--shots 4`` over a folder of
+large photos holds only the sampled images in memory, and a bad file outside the sample costs nothing.
+"""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +21,27 @@ class DataError(ValueError):
     """A dataset could not be read or does not fit the request; the message names the path or class."""
 
 
+class ImageFiles(Sequence[Image.Image]):
+    """Image files, each decoded on first access and kept (a subset lists paths and decodes nothing)."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = list(paths)
+        self._decoded: dict[int, Image.Image] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Image.Image:  # type: ignore[override]
+        if i not in self._decoded:
+            self._decoded[i] = _open_image(self.paths[i])
+        return self._decoded[i]
+
+
 @dataclass
 class LabeledImages:
-    """Images with integer labels into ``class_names``."""
+    """Images with integer labels into ``class_names``; ``images`` may decode lazily (:class:`ImageFiles`)."""
 
-    images: list[Image.Image]
+    images: Sequence[Image.Image]
     labels: np.ndarray  # [n] int64
     class_names: list[str]
 
@@ -33,42 +55,51 @@ class LabeledImages:
         return len(self.images)
 
     def subset(self, indices: np.ndarray) -> LabeledImages:
-        """The images at ``indices``, same class list."""
-        return LabeledImages([self.images[i] for i in indices], self.labels[indices], list(self.class_names))
+        """The images at ``indices``, same class list (still undecoded when these are files)."""
+        if isinstance(self.images, ImageFiles):
+            picked: Sequence[Image.Image] = ImageFiles([self.images.paths[i] for i in indices])
+        else:
+            picked = [self.images[i] for i in indices]
+        return LabeledImages(picked, self.labels[indices], list(self.class_names))
 
 
 def _open_image(path: Path) -> Image.Image:
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        with warnings.catch_warnings():  # PIL only warns between its limit and twice it: refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return im.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"image {path} would decode to more than {Image.MAX_IMAGE_PIXELS} pixels (a decompression "
+                        "bomb, or a huge image): remove it, or resize it first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}. Remove or replace the file.") from None
 
 
 def load_image_folder(root: str | Path) -> LabeledImages:
-    """Load ``root/<class name>/*.png|jpg``; classes are the sorted subfolder names."""
+    """List ``root/<class name>/*.png|jpg`` (decoded on use); classes are the sorted subfolder names."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist or is not a directory")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(f"image folder {root} has no class subfolders; expected root/<class name>/*.png")
-    images, labels = [], []
+    for cdir in class_dirs:
+        try:
+            cdir.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"class folder {cdir.name.encode('utf-8', 'backslashreplace').decode()!r} in {root} "
+                            "has a name that is not valid UTF-8; rename it (class names go into the adapter file)") \
+                from None
+    paths, labels = [], []
     for label, cdir in enumerate(class_dirs):
         files = sorted(p for p in cdir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
             raise DataError(f"class folder {cdir} has no .png/.jpg/.jpeg images")
-        for f in files:
-            images.append(_open_image(f))
-            labels.append(label)
-    return LabeledImages(images, np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs])
-
-
-
-
-
-
+        paths += files
+        labels += [label] * len(files)
+    return LabeledImages(ImageFiles(paths), np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs])
 
 
 def sample_k_shot(labels: np.ndarray, k: int, seed: int, n_classes: int | None = None) -> np.ndarray:

@@ -22,6 +22,18 @@ def make_folder(root, counts, size=8):
     return root
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (its data is one black row)."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 2)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
 def test_image_folder_classes_are_sorted_subfolders(tmp_path):
     ds = load_image_folder(make_folder(tmp_path / "d", {"zebra": 2, "ant": 3}))
     assert ds.class_names == ["ant", "zebra"]
@@ -44,7 +56,36 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path, case):
 def test_corrupt_image_names_the_file(tmp_path):
     root = make_folder(tmp_path / "d", {"cat": 2})
     (root / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    ds = load_image_folder(root)  # listed, not decoded: a bad file costs nothing until it is used
+    broken = [i for i, p in enumerate(ds.images.paths) if p.name == "broken.png"]
     with pytest.raises(DataError, match="broken.png"):
+        ds.images[broken[0]]
+
+
+def test_only_sampled_images_are_decoded(tmp_path):
+    root = make_folder(tmp_path / "d", {"cat": 6, "dog": 6})
+    for p in (root / "dog").iterdir():
+        p.write_bytes(b"\x89PNG\r\n\x1a\nnot really")  # every dog image is unreadable...
+    ds = load_image_folder(root)
+    cats = ds.subset(np.flatnonzero(ds.labels == 0)[:3])
+    assert [im.size for im in cats.images] == [(8, 8)] * 3  # ...and a subset without them never reads one
+    with pytest.raises(DataError, match="not really|cannot read"):
+        ds.subset(np.flatnonzero(ds.labels == 1)[:1]).images[0]
+
+
+def test_decompression_bomb_is_a_clear_error(tmp_path):
+    root = make_folder(tmp_path / "d", {"cat": 1})
+    (root / "cat" / "huge.png").write_bytes(png_claiming(10_000, 10_000))  # 100 M pixels in 70 bytes
+    with pytest.raises(DataError, match="huge.png.*decompression bomb"):
+        load_image_folder(root).images[-1]
+
+
+def test_class_folder_name_that_is_not_utf8_is_refused(tmp_path):
+    root = make_folder(tmp_path / "d", {"cat": 1})
+    bad = root / b"\xff\xfedog".decode("utf-8", "surrogateescape")  # a name as Linux may hand it to us
+    bad.mkdir()
+    Image.new("L", (28, 28)).save(bad / "a.png")
+    with pytest.raises(DataError, match="not valid UTF-8"):
         load_image_folder(root)
 
 
