@@ -14,7 +14,8 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,15 @@ class QueryCache:
                              "--cache with another path") from None
         self.corrupt_entries = 0
 
+    @contextmanager
+    def _locked(self, action: str) -> Iterator[sqlite3.Connection]:
+        """The connection, under the lock; any SQLite failure becomes a :class:`CacheError` that names ``action``."""
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as e:
+                raise CacheError(_explain(self.path, action, e)) from None
+
     def close(self) -> None:
         """Close the database."""
         with self._lock:
@@ -110,20 +120,17 @@ class QueryCache:
     def register(self, identity: Mapping[str, Any]) -> str:
         """Record a backend's identity (for ``cache stats``) and return its key."""
         key = backend_key(identity)
-        with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO backends VALUES (?, ?)", (key, _identity_json(identity)))
+        with self._locked("write to") as db:
+            db.execute("INSERT OR IGNORE INTO backends VALUES (?, ?)", (key, _identity_json(identity)))
         return key
 
     def get(self, backend: str, kind: str, keys: Sequence[Key]) -> dict[Key, np.ndarray]:
         """The stored answers among ``keys``; an entry that does not decode is treated as missing."""
         found: dict[Key, np.ndarray] = {}
         sql = "SELECT shape, value FROM answers WHERE backend=? AND kind=? AND prompt=? AND image=?"
-        with self._lock:
+        with self._locked("read") as db:
             for key in dict.fromkeys(keys):
-                try:
-                    row = self._db.execute(sql, (backend, kind, *key)).fetchone()
-                except sqlite3.Error as e:
-                    raise CacheError(f"cannot read the query cache {self.path} ({e})") from None
+                row = db.execute(sql, (backend, kind, *key)).fetchone()
                 if row is not None:
                     arr = _decode(*row)
                     if arr is None:
@@ -137,22 +144,20 @@ class QueryCache:
         now = time.time()
         rows = [(backend, kind, p, i, json.dumps(list(a.shape)), np.ascontiguousarray(a, "<f4").tobytes(), now)
                 for (p, i), a in answers.items()]
-        with self._lock:
+        with self._locked("write to") as db:  # disk full, read-only file, locked for longer than the timeout
+            db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    self._db.executemany(_INSERT, rows)
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as e:  # disk full, read-only file, locked for longer than the timeout
-                raise CacheError(f"cannot write to the query cache {self.path} ({e})") from None
+                db.executemany(_INSERT, rows)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # SQLite may have rolled back already (a full disk does): keep its error
+                    db.execute("ROLLBACK")
+                raise
 
     def stats(self) -> dict[str, Any]:
         """Entries, bytes and age per backend and kind, and the file size on disk."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._locked("read") as db:
+            rows = db.execute(
                 "SELECT a.backend, b.identity, a.kind, COUNT(*), SUM(LENGTH(a.value)), MIN(a.created), "
                 "MAX(a.created) FROM answers a LEFT JOIN backends b ON a.backend = b.id "
                 "GROUP BY a.backend, a.kind ORDER BY a.backend, a.kind").fetchall()
@@ -167,23 +172,37 @@ class QueryCache:
     def count(self, older_than_s: float | None = None, backends: Iterable[str] = ()) -> int:
         """How many answers :meth:`prune` with the same arguments would delete."""
         where, args = _where(older_than_s, backends)
-        with self._lock:
-            return int(self._db.execute(f"SELECT COUNT(*) FROM answers WHERE {where}", args).fetchone()[0])
+        with self._locked("read") as db:
+            return int(db.execute(f"SELECT COUNT(*) FROM answers WHERE {where}", args).fetchone()[0])
 
     def prune(self, older_than_s: float | None = None, backends: Iterable[str] = ()) -> int:
         """Delete answers older than ``older_than_s`` seconds and/or of the given backend keys; return how many."""
         where, args = _where(older_than_s, backends)
-        with self._lock:
-            n = self._db.execute(f"DELETE FROM answers WHERE {where}", args).rowcount
-            self._db.execute("DELETE FROM backends WHERE id NOT IN (SELECT DISTINCT backend FROM answers)")
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._db.execute("VACUUM")
+        with self._locked("prune") as db:
+            n = db.execute(f"DELETE FROM answers WHERE {where}", args).rowcount
+            db.execute("DELETE FROM backends WHERE id NOT IN (SELECT DISTINCT backend FROM answers)")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            db.execute("VACUUM")
         return n
 
     def integrity(self) -> str:
         """SQLite's own integrity check: ``"ok"`` or the first problem found."""
-        with self._lock:
-            return str(self._db.execute("PRAGMA integrity_check").fetchone()[0])
+        with self._locked("check") as db:
+            return str(db.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def _explain(path: Path, action: str, error: sqlite3.Error) -> str:
+    """A message for a failed cache operation that says what went wrong in words a user can act on."""
+    text = str(error)
+    if "full" in text:
+        cause = "the disk is full: free some space"
+    elif "readonly" in text or "read-only" in text:
+        cause = "the file or its folder is read-only: fix the permissions"
+    elif isinstance(error, sqlite3.DatabaseError) and ("malformed" in text or "not a database" in text):
+        cause = "the file is damaged: move it away (a new cache is started) or restore a copy"
+    else:
+        cause = "retry, or pass --cache with another path"
+    return f"cannot {action} the query cache {path} ({text}); {cause}"
 
 
 def _where(older_than_s: float | None, backends: Iterable[str]) -> tuple[str, list[Any]]:

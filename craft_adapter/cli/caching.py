@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from craft_adapter.cli.shared import err, fail, out
+
+if TYPE_CHECKING:
+    from craft_adapter.blackbox.query_cache import QueryCache
 
 cache_app = typer.Typer(help="The query cache: every paid vendor answer, so no answer is paid for twice.",
                         no_args_is_help=True)
@@ -28,13 +33,16 @@ def parse_age(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def _open(path: Path):  # noqa: ANN202 (QueryCache, imported lazily)
+@contextmanager
+def _open(path: Path) -> Iterator[QueryCache]:
+    """The cache at ``path``, closed after; a cache that cannot be used, now or midway, is a clean error."""
     from craft_adapter.blackbox.query_cache import CacheError, QueryCache
 
     if not path.is_file():
         raise fail(f"no cache at {path}")
     try:
-        return QueryCache(path)
+        with QueryCache(path) as cache:
+            yield cache
     except CacheError as e:
         raise fail(str(e)) from None
 

@@ -158,3 +158,34 @@ def test_stats_prune_and_the_cli(tmp_path: Path) -> None:
         assert r.exit_code == 2 and message in r.output, r.output
     r = runner.invoke(app, ["cache", "stats", str(tmp_path / "missing.sqlite")])
     assert r.exit_code == 2 and "no cache at" in r.output
+
+
+def _damage_pages(path: Path) -> None:
+    """Overwrite the middle of an SQLite file (past its header page) with garbage."""
+    data = bytearray(path.read_bytes())
+    data[4096:len(data) - 4096] = b"\xa5" * (len(data) - 8192)
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_cache_is_a_clear_error_in_the_library_and_the_cli(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    with QueryCache(path) as cache:
+        cache.put("b", "soft", {(f"p{k}", ""): np.full((64, 32), k, np.float32) for k in range(200)})
+        cache.prune(backends=["nothing"])  # checkpoints the WAL into the main file
+    _damage_pages(path)
+    with pytest.raises(CacheError, match="damaged|malformed|not a database"):
+        with QueryCache(path) as cache:
+            cache.stats()
+    for args in (["cache", "stats", str(path)], ["cache", "prune", str(path), "--older-than", "1s"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "malformed" in result.output and "Traceback" not in result.output
+
+
+def test_a_full_disk_says_so(tmp_path: Path) -> None:
+    with QueryCache(tmp_path / "c.sqlite") as cache:
+        cache._db.execute("PRAGMA max_page_count = 40")  # a disk that fills up after about 160 KB
+        with pytest.raises(CacheError, match="disk is full"):
+            for k in range(100):
+                cache.put("b", "soft", {(f"p{k}", ""): np.zeros((64, 64), np.float32)})
+        assert cache.get("b", "soft", [("p0", "")])  # what was stored before stays readable
