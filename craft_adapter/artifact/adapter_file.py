@@ -12,7 +12,9 @@ length, JSON, nesting, tensor table, dtypes, shapes against the class count, and
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -53,11 +55,34 @@ __all__ = [  # the checks' names are re-exported: modules import them from here
     "CTX_KEY", "FORMAT_VERSION", "LOG_FLOOR", "MAX_ABS_VALUE", "MAX_CLASSES", "MAX_CTX_TOKENS", "MAX_CTX_WIDTH",
     "MAX_FILE_BYTES", "MAX_HEADER_BYTES", "MAX_HIDDEN", "MAX_JSON_DEPTH", "MAX_METADATA_BYTES", "MAX_METADATA_ENTRIES",
     "MAX_TENSORS", "MAX_TEXT_CHARS", "METADATA_KEY", "REFINER_KEYS", "TENSOR_KEYS", "Adapter", "AdapterError",
-    "LogitKind", "Mode", "TensorEntry", "bounded", "check_tensor_table", "metadata_fields", "parse_json",
-    "read_adapter_bytes", "read_header", "refiner_input",
+    "AdapterWriteError", "LogitKind", "Mode", "TensorEntry", "bounded", "check_tensor_table", "check_writable",
+    "metadata_fields", "parse_json", "read_adapter_bytes", "read_header", "refiner_input",
 ]
 
 LOG_FLOOR = np.float32(1e-12)
+
+
+class AdapterWriteError(OSError):
+    """An adapter file could not be written (full disk, read-only folder); nothing partial is left behind."""
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise :class:`AdapterWriteError` unless a file can be created beside ``path`` (before anything is paid)."""
+    path = Path(path)
+    probe = _temporary(path)
+    try:
+        with open(probe, "xb"):
+            pass
+        probe.unlink()
+    except FileExistsError:
+        raise AdapterWriteError(f"{probe} exists (left by another write?); remove it, or write elsewhere") from None
+    except OSError as e:
+        raise AdapterWriteError(f"cannot write to {path.parent} ({e.strerror or e}); fix the folder's "
+                                "permissions or choose another output path") from None
 
 Mode = Literal["soft", "text"]
 LogitKind = Literal["logits", "probabilities"]
@@ -163,11 +188,21 @@ class Adapter:
         return st_save(tensors, metadata={METADATA_KEY: meta})
 
     def save(self, path: str | Path) -> Path:
-        """Write the adapter atomically to ``path``."""
+        """Write the adapter atomically to ``path``: whole, or not at all (:class:`AdapterWriteError`)."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(self.to_bytes())
-        tmp.replace(path)
+        tmp = _temporary(path)
+        data = self.to_bytes()
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise AdapterWriteError(f"cannot write the adapter to {path} ({e.strerror or e}); free some space or "
+                                    "choose another output path") from None
         return path
 
     def refine(self, scores: np.ndarray) -> np.ndarray:

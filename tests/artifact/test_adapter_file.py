@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,3 +106,37 @@ def test_truncated_file_is_rejected(tmp_path):
         Adapter.load(p)
     with pytest.raises(AdapterError, match="does not exist"):
         Adapter.load(tmp_path / "missing.safetensors")
+
+
+def test_save_into_a_read_only_folder_is_a_clear_error_and_leaves_nothing(tmp_path) -> None:
+    import os
+
+    from craft_adapter.artifact.adapter_file import AdapterWriteError, check_writable
+    from craft_adapter.artifact.synthetic import synthetic_adapter
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):  # root ignores permission bits: a missing folder fails the same way
+            folder = tmp_path / "missing"
+        with pytest.raises(AdapterWriteError, match="cannot write"):
+            check_writable(folder / "a.safetensors")
+        with pytest.raises(AdapterWriteError, match="cannot write the adapter"):
+            synthetic_adapter(3).save(folder / "a.safetensors")
+        assert not folder.exists() or list(folder.iterdir()) == []
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+
+
+def test_save_on_a_full_disk_leaves_no_partial_file(tmp_path) -> None:
+    from craft_adapter.artifact.adapter_file import AdapterWriteError
+    from craft_adapter.artifact.synthetic import synthetic_adapter
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    target = tmp_path / "a.safetensors"
+    (tmp_path / "a.safetensors.tmp").symlink_to("/dev/full")  # every write to the temporary file fails: ENOSPC
+    with pytest.raises(AdapterWriteError, match="No space left"):
+        synthetic_adapter(3).save(target)
+    assert not target.exists() and not (tmp_path / "a.safetensors.tmp").exists()
