@@ -4,10 +4,16 @@ Images come as raw bytes (``Content-Type: image/*`` or ``application/octet-strea
 or as base64 strings in JSON. Each is opened with PIL and fully decoded before any vendor call: a body that is
 not an image in a supported format is 415, a damaged one 400, one over the byte or pixel limit 413. The
 original bytes are what the vendor receives, so it sees exactly the client's pixels.
+
+A small file can claim a huge image (a 2 KB WebP of 6320x6320 pixels decodes to about 550 MB), so decoding is
+bounded by what it will cost, not by what was sent: each image's size is read from its header first, its decode
+reserves that many bytes from one per-process :class:`DecodeBudget`, and every decode runs off the event loop.
+A request that cannot fit the budget even alone is 413; others wait their turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -21,7 +27,10 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.types import Message
 
-SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
+SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF"})  # MPO: a phone's JPEG
+DECODE_BUDGET_BYTES = 256 << 20  # decoded bytes in flight per process, all requests together
+DECODE_BYTES_PER_PIXEL = {"WEBP": 14}  # libwebp decodes through RGBA and a copy (measured: 550 MB for 40 M px)
+DEFAULT_BYTES_PER_PIXEL = 4
 RAW_TYPES = frozenset({"application/octet-stream", ""})
 TRUE = frozenset({"1", "true", "yes", "on"})
 
@@ -90,11 +99,13 @@ def from_base64(value: Any, what: str) -> bytes:
 
 
 def json_body(body: bytes) -> Any:
-    """The parsed JSON body; 400 if it is not JSON."""
+    """The parsed JSON body; 400 if it is not JSON (or nested too deep to parse)."""
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "bad_json", "the body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "bad_json", "the body's JSON is nested too deep") from None
 
 
 async def multipart_files(request: Request, body: bytes, max_files: int) -> list[bytes]:
@@ -171,12 +182,61 @@ def classify_options(request: Request, n_classes: int, default_top_k: int) -> tu
     return top_k, request.query_params.get("vendor_scores", "").lower() in TRUE
 
 
+class DecodeBudget:
+    """Decoded bytes in flight, bounded: a decode waits until its bytes fit (first come, first served)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.in_use = capacity, 0
+        self._changed: asyncio.Condition | None = None  # made on first use, inside the server's event loop
+
+    async def reserve(self, n: int) -> None:
+        """Wait until ``n`` more bytes fit; 413 if they never could."""
+        if n > self.capacity:
+            raise ApiError(413, "image_too_large", f"decoding this request needs about {n >> 20} MB, over the "
+                           f"server's {self.capacity >> 20} MB decode bound; send smaller images or fewer at once")
+        self._changed = self._changed or asyncio.Condition()
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_use + n <= self.capacity)
+            self.in_use += n
+
+    async def release(self, n: int) -> None:
+        """Give ``n`` bytes back and wake the waiters."""
+        assert self._changed is not None
+        async with self._changed:
+            self.in_use -= n
+            self._changed.notify_all()
+
+
+DECODE_BUDGET = DecodeBudget(DECODE_BUDGET_BYTES)
+
+
+def decode_cost(data: bytes, max_pixels: int) -> int:
+    """Bytes that decoding ``data`` will take, from its header alone; the same errors as :func:`checked_image`."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format not in SUPPORTED_FORMATS:
+                return 0  # refused by checked_image without decoding
+            width, height = im.size
+            fmt = im.format
+    except Exception:  # noqa: BLE001 (anything unreadable is refused by checked_image, which names the cause)
+        return 0
+    if width * height > max_pixels:
+        return 0
+    return width * height * DECODE_BYTES_PER_PIXEL.get(fmt, DEFAULT_BYTES_PER_PIXEL)
+
+
 async def decoded_all(images: list[bytes], max_pixels: int,
-                      to_thread: Callable[..., Awaitable[Any]] | None = None) -> list[bytes]:
-    """Every image checked by :func:`checked_image`; big bodies are decoded off the event loop."""
-    if to_thread is None or sum(map(len, images)) <= 256 << 10:  # small images decode faster than a thread hop
-        return [checked_image(b, max_pixels) for b in images]
-    return await to_thread(lambda: [checked_image(b, max_pixels) for b in images])
+                      to_thread: Callable[..., Awaitable[Any]] | None = None,
+                      budget: DecodeBudget = DECODE_BUDGET) -> list[bytes]:
+    """Every image checked by :func:`checked_image`, decoded off the event loop within the decode ``budget``."""
+    cost = sum(decode_cost(b, max_pixels) for b in images)
+    await budget.reserve(cost)
+    try:
+        if to_thread is None:
+            return [checked_image(b, max_pixels) for b in images]
+        return await to_thread(lambda: [checked_image(b, max_pixels) for b in images])
+    finally:
+        await budget.release(cost)
 
 
 async def hf_request(request: Request, max_bytes: int) -> tuple[bytes, list[str] | None]:
