@@ -1,14 +1,21 @@
-"""What every ``craft-adapter`` command shares: the app, consoles, option types, and loaders with clean errors."""
+"""What every ``craft-adapter`` command shares: the app, consoles, option types, options generated from a
+settings dataclass, and loaders with clean errors."""
 
 from __future__ import annotations
 
+import inspect
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from craft_adapter.reference.task import REFERENCE_VENDOR_DIR
+from craft_adapter.training.api import use_passive_omp_wait
 from craft_adapter.training.image_sets import DataError, LabeledImages, load_image_folder
 
 if TYPE_CHECKING:
@@ -40,6 +47,7 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 def load_backend(model: str, weights: Path | None, device: str) -> OpenClipBackend:
     """Build the in-process open_clip backend, turning setup mistakes into clean CLI errors."""
+    use_passive_omp_wait()  # before torch loads
     from craft_adapter.vendors.open_clip_backend import BackendError, OpenClipBackend
 
     try:
@@ -62,15 +70,65 @@ def load_test_set(data: Path | None, shifted: bool = True) -> LabeledImages:
         raise fail(str(e)) from None
 
 
-def load_train_set(data: Path | None, shots: int, seed: int) -> LabeledImages:
-    """``shots`` images per class drawn by ``seed``: from a folder, or the reference task's train split."""
+def train_data(data: Path | None, shots: int, seed: int) -> Path | LabeledImages:
+    """What to fit on: the image folder, or the reference task's few-shot set (``shots`` per class by ``seed``)."""
     from craft_adapter.reference.task import reference_train
-    from craft_adapter.training.image_sets import sample_k_shot
 
+    if data is not None:
+        return data
     try:
-        if data is None:
-            return reference_train(shots, seed)
-        ds = load_image_folder(data)
-        return ds.subset(sample_k_shot(ds.labels, shots, seed, n_classes=len(ds.class_names)))
+        return reference_train(shots, seed)
     except DataError as e:
         raise fail(str(e)) from None
+
+
+def options_from(settings: type, *, panels: Mapping[str, str] | None = None, flags: Mapping[str, str] | None = None,
+                 arguments: Iterable[str] = (), env_prefix: str | None = None,
+                 unset: bool = False) -> dict[str, inspect.Parameter]:
+    """typer parameters generated from a settings dataclass: one per field, with its type, default, help text
+    (``metadata["help"]``) and help panel (``panels[metadata["group"]]``).
+
+    ``flags`` renames a field's option (default ``--field-name``; booleans get ``--x/--no-x``); fields named in
+    ``arguments`` become positional arguments. With ``env_prefix`` each reads ``<PREFIX><FIELD>`` too. With
+    ``unset``, every option defaults to ``None`` (so the dataclass's own default, or its environment, applies),
+    and help shows the field's default.
+    """
+    hints = typing.get_type_hints(settings)
+    params = {}
+    for f in fields(settings):
+        kind, optional = _strip_none(hints[f.name])
+        required = f.default is MISSING
+        shown: Any = True
+        if unset and not required:
+            shown = False if f.default in (None, "") else str(f.default).lower() if kind is bool else str(f.default)
+        extra: dict[str, Any] = {"help": f.metadata.get("help"), "show_default": shown,
+                                 "rich_help_panel": (panels or {}).get(f.metadata.get("group", ""))}
+        if env_prefix:
+            extra.update(envvar=env_prefix + f.name.upper(), show_envvar=True)
+        if f.name in arguments:
+            info: Any = typer.Argument(**extra)
+        else:
+            flag = (flags or {}).get(f.name, "--" + f.name.replace("_", "-"))
+            info = typer.Option(f"{flag}/--no-{flag[2:]}" if kind is bool else flag, **extra)
+        annotation = kind | None if (optional or unset) and not required else kind
+        default = inspect.Parameter.empty if required else None if unset else f.default
+        params[f.name] = inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                           annotation=Annotated[annotation, info])
+    return params
+
+
+def with_options(command: Callable[..., None], options: Iterable[inspect.Parameter]) -> Callable[..., None]:
+    """``command`` as typer sees it: its ``**kwargs`` replaced by ``options`` (it receives them by name)."""
+    sig = inspect.signature(command, eval_str=True)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    command.__signature__ = sig.replace(parameters=[*own, *options])  # type: ignore[attr-defined]
+    return command
+
+
+def _strip_none(kind: Any) -> tuple[Any, bool]:
+    """``(T, True)`` for ``T | None``, else ``(kind, False)``."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        rest = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0], True
+    return kind, False

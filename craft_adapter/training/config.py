@@ -1,17 +1,26 @@
-"""Fit hyperparameters: one validated dataclass, loadable from JSON or TOML, overridable from the CLI."""
+"""Fit settings: one validated dataclass, the one source of every setting's default, help text and group.
+
+Each field carries its help text and its group in ``metadata``, as peft keeps help on its config dataclasses;
+the ``fit`` command line is generated from these fields, so a default or a help text is written once. A
+*decisive* setting decides the adapter: it is recorded in the adapter's fit summary, and a resumed fit must match
+it. An *operational* one changes how fast a fit runs or how hard it tries, never what it finds (a fit through
+vendor faults at concurrency 1 writes the bytes a clean one writes at 8), so it is left out of both.
+
+``budget`` is the budget as asked for (``None``: the default for the mode and the shots);
+:attr:`FitConfig.resolved_budget` is the budget in force, in :attr:`FitConfig.budget_unit`.
+"""
 
 from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 DEFAULT_BUDGETS = {1: 2000, 2: 4000, 4: 4000, 8: 8000, 16: 8000}
 TEXT_DEFAULT_BUDGET = 20_000  # vendor calls
-# change how fast a fit runs or how hard it tries, never what it finds
-OPERATIONAL = ("concurrency", "rate_limit", "retries", "retry_backoff", "max_failed_calls", "timeout")
+GROUPS = ("decisive", "operational")
 
 
 def default_budget(shots: int) -> int:
@@ -21,46 +30,65 @@ def default_budget(shots: int) -> int:
     return 2000 if shots < 2 else 4000 if shots < 8 else 8000
 
 
+def setting(default: Any, help_text: str, group: str = "decisive") -> Any:
+    """A :class:`FitConfig` field: its default, its help text (the CLI's too) and its group."""
+    if group not in GROUPS:
+        raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
+    return field(default=default, metadata={"help": help_text, "group": group})
+
+
 @dataclass
 class FitConfig:
-    """Everything that decides a fit; two fits with equal configs and inputs give equal adapter files."""
+    """Everything that decides a fit; two fits with equal configs and inputs give equal adapter files.
 
-    shots: int = 16
-    seed: int = 1
-    budget: int | None = None  # soft: queries (default by shots); text: vendor calls (default 20000)
-    prompt: Literal["soft", "text"] = "soft"
-    init_prompt: str = "a photo of a"  # soft mode: p0; the template becomes "<init_prompt> {}."
+    The field order is the order of the adapter's ``fit.config``: do not reorder.
+    """
+
+    shots: int = setting(16, "Images per class.")
+    seed: int = setting(1, "Seed for sampling, projection, CMA-ES, refiner.")
+    budget: int | None = setting(None, "Budget: queries in soft mode (default by shots: 8000 for 8 and 16, 4000 "
+                                 "for 2 and 4, 2000 for 1); vendor calls in text mode (default 20000).")
+    prompt: Literal["soft", "text"] = setting("soft", "soft (context vectors) or text (a template string).")
+    init_prompt: str = setting("a photo of a", "p0: the words the context starts from; the hand-written template "
+                               "is '<init_prompt> {}.'.")
     # prompt generation module (CMA-ES)
-    intrinsic_dim: int = 512
-    popsize: int = 40
-    sigma: float = 1.0
-    bound: float = 5.0
-    proj_std: float = 0.2
-    step_scale: Literal["relative", "absolute"] = "relative"  # relative: steps in units of std(p0)
+    intrinsic_dim: int = setting(512, "CMA-ES search dimension.")
+    popsize: int = setting(40, "CMA-ES population (queries per generation).")
+    sigma: float = setting(1.0, "CMA-ES initial step size.")
+    bound: float = setting(5.0, "CMA-ES box bound on z.")
+    proj_std: float = setting(0.2, "Projection std (in units of std(p0) when relative).")
+    step_scale: Literal["relative", "absolute"] = setting("relative", "relative (steps in units of std(p0)) or "
+                                                          "absolute.")
     # prompt generation module, text mode (word edits)
-    vocab_size: int = 4000
-    text_children: int = 16  # new templates per generation
-    text_elites: int = 4  # templates that survive a generation
-    minibatch_start: int = 3  # images per class in a generation's minibatch, at the start of the budget
-    minibatch_end: int = 3  # ... and at its end (measured: benchmarks/results/text_schedules.json)
-    concurrency: int = 8  # scoring vendors: calls in flight (the result never depends on it)
-    rate_limit: float | None = None  # scoring vendors: calls per second
-    retries: int = 5  # per vendor call, on transient faults (timeouts, 429, 5xx, garbled replies)
-    retry_backoff: float = 0.5  # seconds before the first retry, doubling each time (jittered, capped at 30)
-    max_failed_calls: int | None = None  # stop after this many failed calls in all; None: half the budget
-    timeout: float = 60.0  # seconds per HTTP vendor call
+    vocab_size: int = setting(4000, "Text mode: words to edit with (most frequent first).")
+    text_children: int = setting(16, "Text mode: new templates per generation.")
+    text_elites: int = setting(4, "Text mode: templates kept per generation.")
+    minibatch_start: int = setting(3, "Text mode: images per class in a generation's minibatch, at first.")
+    minibatch_end: int = setting(3, "Text mode: ... growing linearly to this by the end of the budget (measured: "
+                                 "benchmarks/results/text_schedules.json).")
+    # how vendor calls are made: operational
+    concurrency: int = setting(8, "Scoring vendors: calls in flight (results do not depend on it).", "operational")
+    rate_limit: float | None = setting(None, "Scoring vendors: at most this many calls per second.", "operational")
+    retries: int = setting(5, "Retries per vendor call on transient faults (timeouts, 429, 5xx, garbled replies).",
+                           "operational")
+    retry_backoff: float = setting(0.5, "Seconds before the first retry, doubling (jittered, capped at 30); a "
+                                   "Retry-After hint wins.", "operational")
+    max_failed_calls: int | None = setting(None, "Stop after this many failed vendor calls in all; default half "
+                                           "the budget.", "operational")
+    timeout: float = setting(60.0, "Seconds per HTTP vendor call.", "operational")
     # prediction refinement module
-    hidden: int = 256
-    lr: float = 1e-3
-    refiner_batch: int = 32
-    kl_weight: float = 1.0
-    kl_decay_n: int = 2  # the refiner's KL weight drops to 0 after budget // kl_decay_n queries
+    hidden: int = setting(256, "Refiner hidden width.")
+    lr: float = setting(1e-3, "Refiner Adam learning rate.")
+    refiner_batch: int = setting(32, "Refiner batch size.")
+    kl_weight: float = setting(1.0, "Weight of the prediction-consistent KL terms.")
+    kl_decay_n: int = setting(2, "The refiner's KL weight drops to 0 after budget // n queries.")
     # what trains (the ablations switch one off)
-    train_prompt: bool = True
-    train_refiner: bool = True
+    train_prompt: bool = setting(True, "Search the prompt (off: refiner only).")
+    train_refiner: bool = setting(True, "Train the refiner (off: prompt only).")
     # model selection on held-out shots, never on the test set
-    holdout_shots: int | None = None  # None: shots // 4
-    eval_every: int = 10  # generations between hold-out checks (each costs one query)
+    holdout_shots: int | None = setting(None, "Shots per class held out to choose the prompt and refiner; default "
+                                        "shots // 4.")
+    eval_every: int = setting(10, "Generations between hold-out checks (1 query each).")
 
     def __post_init__(self) -> None:
         checks = [
@@ -92,11 +120,16 @@ class FitConfig:
                 raise ValueError(message)
 
     @property
-    def query_budget(self) -> int:
-        """The budget in force, in :attr:`budget_unit`."""
+    def resolved_budget(self) -> int:
+        """The budget in force, in :attr:`budget_unit`: ``budget``, or the default for the mode and the shots."""
         if self.budget is not None:
             return self.budget
         return TEXT_DEFAULT_BUDGET if self.prompt == "text" else default_budget(self.shots)
+
+    @property
+    def query_budget(self) -> int:
+        """The older name of :attr:`resolved_budget` (in vendor calls in text mode, despite the name)."""
+        return self.resolved_budget
 
     @property
     def budget_unit(self) -> str:
@@ -114,8 +147,9 @@ class FitConfig:
         return f"{self.init_prompt} {{}}."
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings that decide the result, for the adapter's fit summary (how fast calls go does not)."""
-        return {k: v for k, v in asdict(self).items() if k not in OPERATIONAL}
+        """The decisive settings, for the adapter's fit summary and the resume manifest (operational ones are not)."""
+        skip = operational_settings()
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
     @property
     def failure_cap(self) -> int:
@@ -123,7 +157,7 @@ class FitConfig:
 
         A vendor failing 20% of calls needs 25% more attempts than answers; half the budget leaves room for that.
         """
-        return self.max_failed_calls if self.max_failed_calls is not None else max(50, self.query_budget // 2)
+        return self.max_failed_calls if self.max_failed_calls is not None else max(50, self.resolved_budget // 2)
 
     @classmethod
     def read_file(cls, path: str | Path) -> dict[str, Any]:
@@ -143,3 +177,11 @@ class FitConfig:
     def from_file(cls, path: str | Path, **overrides: Any) -> FitConfig:
         """Load from ``.json`` or ``.toml``; ``overrides`` win over the file."""
         return cls(**{**cls.read_file(path), **overrides})
+
+
+def operational_settings() -> frozenset[str]:
+    """The settings that change how fast a fit runs or how hard it tries, never what it finds (from the metadata)."""
+    return frozenset(f.name for f in fields(FitConfig) if f.metadata["group"] == "operational")
+
+
+OPERATIONAL = operational_settings()  # the same names, for importers of the older constant (training/resume.py)

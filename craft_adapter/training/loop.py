@@ -39,6 +39,7 @@ class FitState:
     holdout_acc: float | None
     prompt: np.ndarray | str | None = field(repr=False, default=None)  # current context or template
     refiner: Refiner | None = field(repr=False, default=None)
+    meter: dict = field(repr=False, default_factory=dict)  # QueryMeter.summary() after this generation
 
 
 @dataclass
@@ -62,7 +63,7 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    meter, kind, budget = train.meter, train.capabilities.returns, cfg.query_budget
+    meter, kind, budget = train.meter, train.capabilities.returns, cfg.resolved_budget
     if meter.budget != budget or meter.unit != cfg.budget_unit:
         raise ValueError(f"the black box's meter must carry the fit budget ({budget} {cfg.budget_unit})")
     refiner = Refiner(len(train.class_names), cfg.hidden)
@@ -113,7 +114,7 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
                         "best_fitness": float(fitness[b]), "train_acc": train_acc, "holdout_acc": h_acc})
         if on_generation is not None:
             on_generation(FitState(gen, meter.queries, meter.vendor_calls, budget, float(fitness[b]), train_acc,
-                                   h_acc, cur, refiner))
+                                   h_acc, cur, refiner, meter.summary()))
     if gen == 0:
         raise ValueError(f"budget {budget} {cfg.budget_unit} is too small for one generation"
                          + (" and a hold-out check" if use_holdout else ""))

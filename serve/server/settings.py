@@ -1,5 +1,8 @@
 """The adapter server's settings: one dataclass, filled from flags or ``CRAFT_SERVE_*`` environment variables.
 
+Each field carries its default, its help text and its group in ``metadata``; ``craft-adapter serve``'s options are
+generated from them, so each is written once.
+
 Every field ``name`` reads from ``CRAFT_SERVE_<NAME>`` (e.g. ``CRAFT_SERVE_VENDOR_URL``). Worker processes
 rebuild the config from the environment, which is how ``--workers N`` hands it to them. The vendor's API key
 is never a field: it is read from the variable named by ``vendor_key_env`` or from ``vendor_key_file``, and is
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,40 +22,48 @@ from craft_adapter.vendors.credentials import DEFAULT_KEY_ENV, Secret, read_key,
 ENV_PREFIX = "CRAFT_SERVE_"
 
 
+def setting(default: Any, help_text: str, group: str = "server") -> Any:
+    """A :class:`ServerConfig` field: its default, its help text (the CLI's too) and its group (the CLI's panel)."""
+    return field(default=default, metadata={"help": help_text, "group": group})
 
 
-
-
+def required(help_text: str) -> Any:
+    """A :class:`ServerConfig` field without a default."""
+    return field(metadata={"help": help_text, "group": "server"})
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Everything ``craft-adapter serve`` can be told; validated on creation."""
+    """Everything ``craft-adapter serve`` can be told; validated on creation. Each field's help text is the CLI's."""
 
-    adapter: str
-    vendor_url: str
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
-    device: str = "cpu"  # the refiner is tiny: CPU answers in microseconds without a GPU round trip
-    vendor_timeout_s: float = 10.0  # one vendor call
-    request_timeout_s: float = 30.0  # a whole client request, retries and waits included
-    vendor_retries: int = 2  # extra attempts after the first, on 429, 5xx, timeouts and malformed replies
-    backoff_base_s: float = 0.05
-    backoff_max_s: float = 2.0
-    max_vendor_in_flight: int = 64  # per worker
-    max_requests_in_flight: int = 1024  # per worker; past it uvicorn answers 503
-    max_body_bytes: int = 16 << 20
-    max_batch: int = 64
-    max_image_pixels: int = 40_000_000
-    top_k: int = 5
-    vendor_key_env: str = DEFAULT_KEY_ENV
-    vendor_key_file: str = ""
-    vendor_auth_header: str = "Authorization"
-    vendor_auth_scheme: str = "Bearer"  # empty: send the key bare, e.g. for an X-API-Key header
-    graceful_timeout_s: float = 30.0
-    log_level: str = "info"
-    access_log: bool = True
+    adapter: str = required("The shipped adapter: .safetensors or exported .onnx.")
+    vendor_url: str = required("Zero-shot vendor endpoint URL (Hugging Face protocol).")
+    host: str = setting("127.0.0.1", "Interface to bind; keep 127.0.0.1 behind a proxy.")
+    port: int = setting(8000, "Port; 0 picks a free one (one worker only).")
+    workers: int = setting(1, "Worker processes sharing the port.")
+    # the refiner is tiny: CPU answers in microseconds without a GPU round trip
+    device: str = setting("cpu", "Refiner device: cpu, auto or cuda.")
+    vendor_timeout_s: float = setting(10.0, "Seconds for one vendor call.", "vendor")
+    request_timeout_s: float = setting(30.0, "Seconds for a whole client request, retries and waits included.",
+                                       "vendor")
+    vendor_retries: int = setting(2, "Retries of a failed vendor call (429, 5xx, timeout, bad reply).", "vendor")
+    backoff_base_s: float = setting(0.05, "First retry's backoff ceiling in seconds (doubles each try, full "
+                                    "jitter).", "vendor")
+    backoff_max_s: float = setting(2.0, "Largest backoff ceiling in seconds.", "vendor")
+    max_vendor_in_flight: int = setting(64, "Vendor calls open at once, per worker.", "limits")
+    max_requests_in_flight: int = setting(1024, "Requests at once per worker; past it 503.", "limits")
+    max_body_bytes: int = setting(16 << 20, "Largest request body (413 past it).", "limits")
+    max_batch: int = setting(64, "Most images in one batch request.", "limits")
+    max_image_pixels: int = setting(40_000_000, "Largest image in pixels (413 past it).", "limits")
+    top_k: int = setting(5, "Labels per answer unless the request says top_k.")
+    vendor_key_env: str = setting(DEFAULT_KEY_ENV, "Environment variable holding the vendor API key.", "vendor")
+    vendor_key_file: str = setting("", "File holding the vendor API key (wins over the variable).", "vendor")
+    vendor_auth_header: str = setting("Authorization", "Header that carries the key.", "vendor")
+    vendor_auth_scheme: str = setting("Bearer", "Scheme before the key; empty sends it bare (e.g. for an "
+                                      "X-API-Key header).", "vendor")
+    graceful_timeout_s: float = setting(30.0, "Seconds to finish requests in flight on SIGTERM.")
+    log_level: str = setting("info", "critical, error, warning, info or debug.")
+    access_log: bool = setting(True, "One JSON log line per request.")
 
     def __post_init__(self) -> None:
         url = urlsplit(self.vendor_url)

@@ -1,4 +1,5 @@
-"""The collaborative fit on the tiny model: budget, determinism, improvement, ablations."""
+"""The collaborative fit on the tiny model: budget, determinism, improvement, ablations (through ``fit_adapter``;
+the meter checks build the box by hand)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from conftest import random_images
 from craft_adapter.artifact.adapter_file import Adapter
 from craft_adapter.blackbox.box import BlackBox
 from craft_adapter.blackbox.meter import QueryMeter
+from craft_adapter.training.api import SettingsError, fit_adapter
 from craft_adapter.training.config import FitConfig, default_budget
 from craft_adapter.training.loop import fit
 from craft_adapter.vendors.open_clip_backend import OpenClipBackend
@@ -22,16 +24,12 @@ def backend(tiny_model_dir):
 
 
 def run(backend, budget=130, seed=0, n_holdout=1, **kw):
+    """A fit through the public API on 4 random images per class; the outcome and the meter's summary."""
     cfg = FitConfig(shots=4, seed=seed, budget=budget, popsize=8, intrinsic_dim=16, eval_every=3,
                     holdout_shots=n_holdout, **kw)
-    imgs = random_images(12, seed=1)
-    labels = np.repeat(np.arange(3), 4)
-    ho = np.array([0, 4, 8][:3 if n_holdout else 0], dtype=int)
-    tr = np.setdiff1d(np.arange(12), ho)
-    meter = QueryMeter(cfg.query_budget)
-    box = BlackBox(backend, [imgs[i] for i in tr], CLASSES, meter)
-    hold = BlackBox(backend, [imgs[i] for i in ho], CLASSES, meter) if n_holdout else None
-    return fit(box, hold, labels[tr], labels[ho] if n_holdout else None, cfg), meter, box, labels[tr]
+    outcome = fit_adapter(random_images(12, seed=1), backend, cfg, labels=np.repeat(np.arange(3), 4),
+                          class_names=CLASSES)
+    return outcome, outcome.record.meter
 
 
 def expected_queries(budget: int, popsize: int, every: int) -> tuple[int, int]:
@@ -48,17 +46,17 @@ def expected_queries(budget: int, popsize: int, every: int) -> tuple[int, int]:
 
 
 def test_budget_is_never_exceeded_and_count_is_exact(backend):
-    res, meter, _, _ = run(backend, budget=130)
+    res, meter = run(backend, budget=130)
     queries, gens = expected_queries(130, 8, 3)
-    assert meter.queries == queries <= 130
-    assert res.adapter.fit["queries"] == meter.queries
-    assert len(res.history) == gens
+    assert meter["queries"] == queries <= 130
+    assert res.adapter.fit["queries"] == meter["queries"]
+    assert len(res.record.history) == gens
     checks = -(-gens // 3)
-    assert meter.vendor_calls == gens + checks + 2  # one text call per generation and check, images once per set
+    assert meter["vendor_calls"] == gens + checks + 2  # one text call per generation and check, images once per set
 
 
 def test_budget_too_small_is_a_clear_error(backend):
-    with pytest.raises(ValueError, match="too small for one generation"):
+    with pytest.raises(SettingsError, match="too small for one generation"):
         run(backend, budget=7)
 
 
@@ -86,9 +84,9 @@ def test_prompt_only_leaves_the_refiner_as_identity(backend):
 
 
 def test_refiner_only_pays_for_the_fixed_prompt_once(backend):
-    res, meter, _, _ = run(backend, train_prompt=False, budget=80)
-    assert meter.queries == 2  # train set once, hold-out once
-    assert len(res.history) == 80 // 8
+    res, meter = run(backend, train_prompt=False, budget=80)
+    assert meter["queries"] == 2  # train set once, hold-out once
+    assert len(res.record.history) == 80 // 8
     np.testing.assert_allclose(res.adapter.ctx, backend.soft_prompt_init("a photo of a"))
 
 

@@ -15,8 +15,8 @@ from craft_adapter.artifact.adapter_file import Adapter
 from craft_adapter.blackbox.box import BlackBox
 from craft_adapter.blackbox.meter import BudgetExhausted, QueryMeter
 from craft_adapter.blackbox.pair_scorer import RateLimiter
+from craft_adapter.training.api import fit_adapter
 from craft_adapter.training.config import FitConfig
-from craft_adapter.training.loop import fit
 from craft_adapter.training.text_prompt import TextPromptSearch, to_template, to_words, word_vocabulary
 from craft_adapter.vendors.protocols import Capabilities, fill
 
@@ -88,21 +88,15 @@ def run_fit(concurrency: int, budget: int = 600, seed: int = 0, **kw):
                     minibatch_start=1, minibatch_end=2, **kw)  # minibatches smaller than the set
     imgs = images(12)
     labels = np.array([im.tobytes()[0] % 3 for im in imgs])
-    order = np.argsort(labels, kind="stable")
-    imgs, labels = [imgs[i] for i in order], labels[order]
-    ho = np.array([0, 4, 8])
-    tr = np.setdiff1d(np.arange(12), ho)
     v = HashVendor()
-    meter = QueryMeter(cfg.query_budget, cfg.budget_unit)
-    box = BlackBox(v, [imgs[i] for i in tr], CLASSES, meter, concurrency=concurrency)
-    hold = BlackBox(v, [imgs[i] for i in ho], CLASSES, meter, concurrency=concurrency)
-    return fit(box, hold, labels[tr], labels[ho], cfg), meter, v
+    outcome = fit_adapter(imgs, v, cfg, labels=labels, class_names=CLASSES)
+    return outcome, outcome.record.meter, v
 
 
 def test_text_fit_is_deterministic_across_concurrency_and_within_budget():
     (r1, m1, v1), (r8, m8, v8) = run_fit(1), run_fit(8)
     assert r1.adapter.to_bytes() == r8.adapter.to_bytes()
-    assert m1.vendor_calls == m8.vendor_calls == len(v1.calls) <= 600
+    assert m1["vendor_calls"] == m8["vendor_calls"] == len(v1.calls) <= 600
     assert len(v8.calls) == len(set(v8.calls))  # never the same (image, template) twice
     assert r1.adapter.mode == "text" and r1.adapter.logit_kind == "probabilities"
     assert run_fit(1, seed=1)[0].adapter.to_bytes() != r1.adapter.to_bytes()
