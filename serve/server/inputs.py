@@ -31,6 +31,7 @@ SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF
 DECODE_BUDGET_BYTES = 256 << 20  # decoded bytes in flight per process, all requests together
 DECODE_BYTES_PER_PIXEL = {"WEBP": 14}  # libwebp decodes through RGBA and a copy (measured: 550 MB for 40 M px)
 DEFAULT_BYTES_PER_PIXEL = 4
+BODY_READ_TIMEOUT_S = 30.0  # a body trickled in slower than this is abandoned (408), freeing its slot
 RAW_TYPES = frozenset({"application/octet-stream", ""})
 TRUE = frozenset({"1", "true", "yes", "on"})
 
@@ -54,11 +55,15 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     if declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, "body_too_large", f"the body is {declared} bytes; the limit is {max_bytes}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise ApiError(413, "body_too_large", f"the body is over the {max_bytes}-byte limit")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ApiError(413, "body_too_large", f"the body is over the {max_bytes}-byte limit")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, "request_timeout", f"the body did not arrive within {BODY_READ_TIMEOUT_S:g} s") from None
     return b"".join(chunks)
 
 
