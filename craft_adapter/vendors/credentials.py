@@ -78,11 +78,9 @@ def redact_url(url: str) -> str:
 
 
 def header_secrets(items: Any) -> list[str]:
-    """Header values that may carry a key (all but Content-Type), and the token after an auth scheme."""
-    found: list[str] = []
-    for name, value in items:
-        if name.lower() != "content-type" and value:
-            found += [value, *(value.split(None, 1)[1:] if " " in value else [])]
+    """The secret part of each header value that may carry a key (all but Content-Type): the token after an auth
+    scheme, else the whole value. Scrubbing it leaves the scheme readable ("Bearer ***")."""
+    found = {value.split(None, 1)[-1] for name, value in items if name.lower() != "content-type" and value.strip()}
     return sorted({v for v in found if len(v) >= 4}, key=len, reverse=True)
 
 

@@ -31,6 +31,7 @@ def test_one_scrubbing_path_for_secrets_and_header_values() -> None:
     headers = auth_headers(key, "X-Api-Key", "Token")
     assert headers == {"X-Api-Key": "Token sk-12345"} and auth_headers(None) == {}
     secrets = header_secrets([*headers.items(), ("Content-Type", "application/json")])
-    assert secrets == ["Token sk-12345", "sk-12345"]  # longest first; Content-Type is not a secret
-    assert scrub_secrets("echo: Token sk-12345 / sk-12345", secrets) == "echo: *** / ***"
+    assert secrets == ["sk-12345"]  # the token after the scheme; Content-Type is not a secret
+    assert scrub_secrets("echo: Token sk-12345 / sk-12345", secrets) == "echo: Token *** / ***"
+    assert header_secrets([("X-Api-Key", "bare-key-1"), ("X-B", "abc")]) == ["bare-key-1"]  # too short to matter
     assert scrub_secrets("text", ["", "x" * 0]) == "text"
