@@ -20,16 +20,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from typing import TYPE_CHECKING
+
 from benchmarks.plots import mean_curve, save_accuracy_plot
-from benchmarks.whitebox import coop, linear_probe
 from craft_adapter.blackbox.box import BlackBox
 from craft_adapter.blackbox.meter import QueryMeter
 from craft_adapter.reference.task import HAND_TEMPLATE, REFERENCE_VENDOR_DIR, reference_test, reference_train
+from craft_adapter.training.api import fit_adapter, use_passive_omp_wait
 from craft_adapter.training.config import FitConfig
 from craft_adapter.training.evaluate import accuracy
-from craft_adapter.training.image_sets import split_holdout
-from craft_adapter.training.loop import FitState, fit
-from craft_adapter.vendors.open_clip_backend import OpenClipBackend
+
+if TYPE_CHECKING:
+    from craft_adapter.training.loop import FitState
+    from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
@@ -47,7 +50,7 @@ class TestScorer:
         test = reference_test()
         self.y = test.labels
         self.box = BlackBox(backend, test.images, test.class_names, QueryMeter())
-        self.emb = None
+        self.emb = backend.embed_images(test.images)  # [n, d], for the white-box bounds
 
     def acc(self, ctx: np.ndarray | None, refine=None) -> float:
         """Test accuracy of context ``ctx`` (or the hand template), optionally refined."""
@@ -60,11 +63,6 @@ def run_fit(backend, scorer: TestScorer, shots: int, seed: int, curve: bool = Fa
     import torch
 
     cfg = FitConfig(shots=shots, seed=seed, **overrides)
-    train = reference_train(shots, seed)
-    tr, ho = split_holdout(train.labels, cfg.n_holdout, seed)
-    meter = QueryMeter(cfg.query_budget)
-    box = BlackBox(backend, [train.images[i] for i in tr], train.class_names, meter)
-    hold = BlackBox(backend, [train.images[i] for i in ho], train.class_names, meter) if len(ho) else None
     points = []
 
     def on_gen(s: FitState) -> None:
@@ -75,11 +73,11 @@ def run_fit(backend, scorer: TestScorer, shots: int, seed: int, curve: bool = Fa
         if curve and (s.generation % 10 == 0 or s.generation == 1):
             points.append((s.queries, scorer.acc(s.prompt, refine)))
 
-    res = fit(box, hold, train.labels[tr], train.labels[ho] if hold else None, cfg, on_generation=on_gen)
-    a = res.adapter
+    res = fit_adapter(reference_train(shots, seed), backend, cfg, on_progress=on_gen)
+    a, m = res.adapter, res.record.meter
     return {"acc": scorer.acc(a.ctx, a.refine), "prompt_only_acc": scorer.acc(a.ctx),
-            "queries": meter.queries, "vendor_calls": meter.vendor_calls, "wall_s": res.wall_time_s,
-            "vendor_s": res.vendor_time_s, "curve": points, "reading": a.prompt_reading}
+            "queries": m["queries"], "vendor_calls": m["vendor_calls"], "wall_s": res.record.wall_time_s,
+            "vendor_s": res.record.vendor_time_s, "curve": points, "reading": a.prompt_reading}
 
 
 def mean_std(xs: list[float]) -> dict:
@@ -94,14 +92,20 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--shots-sweep", type=int, nargs="*", default=[1, 2, 4, 8])
     args = ap.parse_args()
+    use_passive_omp_wait()  # before torch loads (measured: the reference fit runs 2.5x slower without it)
+    from benchmarks.whitebox import coop, linear_probe, white_box_model
+    from craft_adapter.vendors.open_clip_backend import OpenClipBackend
+
     t0 = time.time()
-    backend = OpenClipBackend(f"local-dir:{REFERENCE_VENDOR_DIR}", device="cpu")
+    spec = f"local-dir:{REFERENCE_VENDOR_DIR}"
+    backend = OpenClipBackend(spec, device="cpu")
+    white = white_box_model(spec)
     scorer = TestScorer(backend)
     rows: dict[str, list[float]] = {"zero-shot": [], **{k: [] for k in VARIANTS},
                                     "white-box CoOp": [], "white-box linear probe": []}
     extra: dict[str, list] = {"CraFT prompt part": [], "timing": [], "curves": {}, "readings": []}
     zs = scorer.acc(None)
-    test_emb = scorer.box._images_embedded()
+    test_emb = scorer.emb
     for seed in args.seeds:
         rows["zero-shot"].append(zs)
         for name, over in VARIANTS.items():
@@ -116,8 +120,8 @@ def main() -> None:
                 extra["curves"].setdefault(name, []).append(r["curve"])
         train = reference_train(16, seed)
         emb = backend.embed_images(train.images)
-        rows["white-box CoOp"].append(coop(backend, train.images, train.labels, test_emb, scorer.y, train.class_names,
-                                           seed=seed))
+        rows["white-box CoOp"].append(coop(backend, white, train.images, train.labels, test_emb, scorer.y,
+                                           train.class_names, seed=seed))
         rows["white-box linear probe"].append(linear_probe(emb, train.labels, test_emb, scorer.y, 10, seed=seed))
     sweep = {}
     for shots in args.shots_sweep:

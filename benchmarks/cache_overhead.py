@@ -13,14 +13,16 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import craft_adapter  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 from craft_adapter.blackbox.query_cache import QueryCache
 from craft_adapter.training.config import FitConfig
-from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
 # isort: split
 from fit_speed import reference_fit, setup  # a sibling script, as serve_common is for the server benchmarks
+
+if TYPE_CHECKING:
+    from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -28,8 +30,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def one_fit(backend: OpenClipBackend, cfg: FitConfig, cache: QueryCache | None) -> dict:
     """One fit; its wall time, the adapter bytes and the meter."""
     t = time.perf_counter()
-    r, meter = reference_fit(backend, cfg, cache)
-    return {"wall_s": time.perf_counter() - t, "bytes": r.adapter.to_bytes(), "meter": meter.summary()}
+    r = reference_fit(backend, cfg, cache)
+    return {"wall_s": time.perf_counter() - t, "bytes": r.adapter.to_bytes(), "meter": r.record.meter}
 
 
 def main() -> None:

@@ -64,13 +64,12 @@ def main() -> None:
     if args.stub:
         serve_stub(args.latency)
         return
-    from craft_adapter.blackbox.box import BlackBox
-    from craft_adapter.blackbox.meter import QueryMeter
     from craft_adapter.reference.task import reference_train
     from craft_adapter.serve import HttpZeroShotVendor
+    from craft_adapter.training.api import fit_adapter, use_passive_omp_wait
     from craft_adapter.training.config import FitConfig
-    from craft_adapter.training.image_sets import split_holdout
-    from craft_adapter.training.loop import fit
+
+    use_passive_omp_wait()  # before torch loads
 
     proc = subprocess.Popen([sys.executable, __file__, "--stub", "--latency", str(args.latency)],
                             stdout=subprocess.PIPE, text=True)
@@ -78,24 +77,18 @@ def main() -> None:
         url = proc.stdout.readline().strip()
         cfg = FitConfig(shots=16, seed=1, prompt="text", budget=args.calls, concurrency=args.concurrency)
         train = reference_train(16, 1)
-        tr, ho = split_holdout(train.labels, cfg.n_holdout, 1)
-        meter = QueryMeter(cfg.query_budget, cfg.budget_unit)
-        vendor = HttpZeroShotVendor(url)
-        kw = {"concurrency": args.concurrency}
-        box = BlackBox(vendor, [train.images[i] for i in tr], train.class_names, meter, **kw)
-        hold = BlackBox(vendor, [train.images[i] for i in ho], train.class_names, meter, **kw)
         t0 = time.perf_counter()
-        fit(box, hold, train.labels[tr], train.labels[ho], cfg)
+        calls = fit_adapter(train, HttpZeroShotVendor(url), cfg).record.meter["vendor_calls"]
         wall = time.perf_counter() - t0
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    ideal = meter.vendor_calls * args.latency / args.concurrency
-    print(f"{meter.vendor_calls} vendor calls at {1000 * args.latency:.0f} ms, concurrency {args.concurrency}: "
+    ideal = calls * args.latency / args.concurrency
+    print(f"{calls} vendor calls at {1000 * args.latency:.0f} ms, concurrency {args.concurrency}: "
           f"{wall:.1f}s against an ideal {ideal:.1f}s ({wall / ideal:.2f}x)")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "text_speed.json").write_text(json.dumps({
-        "vendor_calls": meter.vendor_calls, "latency_s": args.latency, "concurrency": args.concurrency,
+        "vendor_calls": calls, "latency_s": args.latency, "concurrency": args.concurrency,
         "wall_s": wall, "ideal_s": ideal, "ratio": wall / ideal, "command": "python benchmarks/text_speed.py"},
         indent=1) + "\n")
 

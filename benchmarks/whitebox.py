@@ -1,21 +1,32 @@
 """White-box upper bounds on the same model, with full gradient access: CoOp-style prompt tuning and a
-linear probe on image features. Benchmark-only: this reaches inside the model, which fit never may."""
+linear probe on image features. Benchmark-only: this loads its own copy of the model and reaches inside it,
+which fit never may (the backend exposes no weights)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
 
 from craft_adapter.vendors.open_clip_backend import OpenClipBackend, encode_text_embeddings
 
 
-def coop(backend: OpenClipBackend, train_images: list, y: np.ndarray, test_emb: np.ndarray, y_test: np.ndarray,
-         class_names: list[str], init: str = "a photo of a", steps: int = 300, lr: float = 2e-3,
-         seed: int = 0) -> float:
-    """Tune 4 context vectors by gradient descent (CoOp); return test accuracy."""
+def white_box_model(spec: str) -> tuple[open_clip.CLIP, Any]:
+    """The model behind the backend ``spec`` (``local-dir:PATH``), on the CPU, and its tokenizer."""
+    model, _, _ = open_clip.create_model_and_transforms(spec, device="cpu", load_weights=True)
+    return model.eval(), open_clip.get_tokenizer(spec)
+
+
+def coop(backend: OpenClipBackend, white: tuple[open_clip.CLIP, Any], train_images: list, y: np.ndarray,
+         test_emb: np.ndarray, y_test: np.ndarray, class_names: list[str], init: str = "a photo of a",
+         steps: int = 300, lr: float = 2e-3, seed: int = 0) -> float:
+    """Tune 4 context vectors of ``white`` (the backend's model and tokenizer) by gradient descent (CoOp); return
+    test accuracy."""
     torch.manual_seed(seed)
-    model, tok = backend._model, backend._tokenizer
+    model, tok = white
     for p in model.parameters():
         p.requires_grad_(False)
     img = torch.from_numpy(backend.embed_images(train_images))  # [n, d], normalised
