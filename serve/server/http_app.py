@@ -12,7 +12,11 @@ Endpoints (errors answer ``{"error": message, "type": type}`` with the status be
   be classes of the adapter (the answer is renormalised over them); the hypothesis template is ignored, because
   the adapter's learned prompt is what it was fitted with.
 - ``GET /healthz`` (alive), ``GET /readyz`` (adapter loaded and vendor reachable), ``GET /metrics``
-  (Prometheus), ``GET /`` and ``GET /v1/info`` (classes, prompt, limits).
+  (Prometheus), ``GET /`` and ``GET /v1/info`` (version, classes, prompt, limits).
+
+With a folder (or registry file) of adapters, one server serves them all behind one vendor client pool:
+``POST /v1/adapters/{name}/classify`` and the rest, per adapter name (:mod:`.adapter_routes`), loaded on
+demand, hot reloaded and versioned (:mod:`.adapter_store`); the single-adapter routes are then absent.
 
 Statuses: 400 bad request or damaged image, 413 body/image/batch too large, 415 not a supported image or body
 type, 502 vendor failed or replied unusably, 503 vendor unreachable, rate limiting or busy (with Retry-After
@@ -24,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,10 +42,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from craft_adapter import __version__
 from craft_adapter.serve.server.access import AccessMiddleware
-from craft_adapter.serve.server.inputs import ApiError, classify_options, decoded_all, hf_request, request_images
+from craft_adapter.serve.server.adapter_routes import AdapterEndpoints, MultiOptions, read_images
+from craft_adapter.serve.server.adapter_store import AdapterStore
+from craft_adapter.serve.server.inputs import ApiError, classify_options, decoded_all, hf_request
 from craft_adapter.serve.server.logs import SERVER_LOGGER, setup_logging
-from craft_adapter.serve.server.metrics import ServerMetrics
+from craft_adapter.serve.server.metrics import AdapterMetrics, ServerMetrics
 from craft_adapter.serve.server.service import AdapterService, check_servable, top_answer, zero_shot_answer
 from craft_adapter.serve.server.settings import ServerConfig
 from craft_adapter.serve.server.vendor_pool import VendorFailure, ZeroShotVendorClient
@@ -75,12 +84,13 @@ def _guarded(handler: Handler, metrics: ServerMetrics) -> Handler:
 
 
 class _Endpoints:
-    """Request handlers over one :class:`AdapterService` (created in the app's lifespan)."""
+    """Request handlers over one :class:`AdapterService` or an :class:`AdapterStore` (live once started)."""
 
-    def __init__(self, config: ServerConfig, adapter: ShippedAdapter, metrics: ServerMetrics,
-                 key: Secret | None) -> None:
-        self.config, self.adapter, self.metrics, self.key = config, adapter, metrics, key
+    def __init__(self, config: ServerConfig, adapter: ShippedAdapter | None, metrics: ServerMetrics,
+                 key: Secret | None, store: AdapterStore | None = None) -> None:
+        self.config, self.adapter, self.metrics, self.key, self.store = config, adapter, metrics, key, store
         self.service: AdapterService | None = None
+        self.live = False
         self._ready: tuple[float, str | None] = (0.0, "starting")  # (checked at, reason not ready)
 
     def _service(self) -> AdapterService:
@@ -92,9 +102,7 @@ class _Endpoints:
         return time.monotonic() + self.config.request_timeout_s
 
     async def _images(self, request: Request, batch: bool) -> list[bytes]:
-        raw = await request_images(request, self.config.max_body_bytes, self.config.max_batch, batch)
-        request.state.images = len(raw)
-        return await decoded_all(raw, self.config.max_image_pixels, to_thread.run_sync)
+        return await read_images(request, self.config, batch)
 
     async def classify(self, request: Request) -> Response:
         """POST /v1/classify: one image."""
@@ -136,7 +144,10 @@ class _Endpoints:
     async def info(self, request: Request) -> Response:
         """GET /v1/info: what this server serves, and its limits."""
         a, c = self.adapter, self.config
+        if a is None:
+            return self._multi_info()
         return JSONResponse({
+            "version": __version__,
             "adapter": {"source": a.source, "classes": a.class_names, "template": a.template, "mode": a.mode,
                         "format_version": a.format_version, "refiner_providers": a.providers},
             "vendor": {"url": redact_url(c.vendor_url), "protocol": "hf-zero-shot-image-classification",
@@ -147,6 +158,21 @@ class _Endpoints:
                           "hugging_face": "POST /", "health": "GET /healthz", "ready": "GET /readyz",
                           "metrics": "GET /metrics"}})
 
+    def _multi_info(self) -> Response:
+        c, s = self.config, self.store
+        assert s is not None
+        return JSONResponse({
+            "version": __version__,
+            "adapters": {"source": str(s.root), "count": s.known(), "loaded": s.loaded_count(),
+                         "memory_budget_bytes": s.budget_bytes or None},
+            "vendor": {"url": redact_url(c.vendor_url), "protocol": "hf-zero-shot-image-classification",
+                       "authenticated": self.key is not None},
+            "limits": {"max_body_bytes": c.max_body_bytes, "max_batch": c.max_batch,
+                       "max_image_pixels": c.max_image_pixels, "request_timeout_s": c.request_timeout_s},
+            "endpoints": {"classify": "POST /v1/adapters/{name}/classify", "batch": "POST /v1/adapters/{name}/"
+                          "classify/batch", "hugging_face": "POST /v1/adapters/{name}", "list": "GET /v1/adapters",
+                          "health": "GET /healthz", "ready": "GET /readyz", "metrics": "GET /metrics"}})
+
     async def healthz(self, request: Request) -> Response:
         """GET /healthz: the process answers."""
         return JSONResponse({"status": "ok"})
@@ -155,7 +181,7 @@ class _Endpoints:
         """GET /readyz: ready to classify (adapter loaded, vendor accepts connections); 503 with the reason."""
         checked_at, reason = self._ready
         if time.monotonic() - checked_at > READY_CACHE_S:
-            reason = "starting or stopping" if self.service is None else await self._vendor_reason()
+            reason = "starting or stopping" if not self.live else await self._vendor_reason()
             self._ready = (time.monotonic(), reason)
         if reason is None:
             return JSONResponse({"status": "ready"})
@@ -176,6 +202,11 @@ class _Endpoints:
 
     async def metrics_text(self, request: Request) -> Response:
         """GET /metrics: Prometheus text format."""
+        if self.store is not None and self.metrics.adapters is not None:
+            m, s = self.metrics.adapters, self.store
+            m.known.set(s.known())
+            m.loaded.set(s.loaded_count())
+            m.loaded_bytes.set(s.loaded_bytes)
         return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -186,47 +217,97 @@ async def _http_error(request: Request, exc: Exception) -> Response:
                           "see GET /v1/info for the endpoints", getattr(exc, "headers", None))
 
 
-def create_app(config: ServerConfig, key: Secret | None = None) -> Starlette:
-    """The ASGI app for ``config``; loads and checks the adapter now, connects to the vendor on startup."""
+def create_app(config: ServerConfig, key: Secret | None = None, adapters: str | Path | None = None,
+               options: MultiOptions | None = None, store: AdapterStore | None = None) -> Starlette:
+    """The ASGI app for ``config.adapter``, or, given ``adapters`` (a folder or registry file), for all of them.
+
+    Adapters are loaded and checked now (every file's header, for a folder); the vendor is connected on startup.
+    ``store`` replaces the store built from ``adapters`` (the Ray Serve ingress passes one that answers remotely).
+    """
     key = config.vendor_key() if key is None else key
     setup_logging(config.log_level, key)
-    adapter = ShippedAdapter.load(config.adapter, config.device)
-    check_servable(adapter)
-    metrics = ServerMetrics()
-    endpoints = _Endpoints(config, adapter, metrics, key)
+    metrics, options = ServerMetrics(), options or MultiOptions()
+    adapter: ShippedAdapter | None = None
+    if adapters is None and store is None:
+        adapter = ShippedAdapter.load(config.adapter, config.device)
+        check_servable(adapter)
+    else:
+        if store is None:
+            store = AdapterStore(adapters, config.device, int(options.memory_budget_mb * 2**20),
+                                 options.keep_versions)
+            store.refresh()
+        metrics.adapters = AdapterMetrics(options.metrics_top_n)
+        store.on_event = metrics.adapters.events.inc
+    endpoints = _Endpoints(config, adapter, metrics, key, store)
+    log = logging.getLogger(SERVER_LOGGER)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        client = ZeroShotVendorClient(config, adapter.class_names, adapter.template, metrics, key)
-        endpoints.service = AdapterService(adapter, client)
-        logging.getLogger(SERVER_LOGGER).info(
-            "serving %s (%d classes) in front of %s", adapter.source, adapter.n_classes,
-            redact_url(config.vendor_url), extra={"fields": {"event": "startup"}})
+        labels, template = (adapter.class_names, adapter.template) if adapter else ([], "{}")
+        client = ZeroShotVendorClient(config, labels, template, metrics, key)  # one pool for every adapter
+        poller = None
+        if adapter is not None:
+            endpoints.service = AdapterService(adapter, client)
+            log.info("serving %s (%d classes) in front of %s", adapter.source, adapter.n_classes,
+                     redact_url(config.vendor_url), extra={"fields": {"event": "startup"}})
+        elif store is not None:
+            store.make_service = lambda a: AdapterService(a, client, options.batching)
+            poller = asyncio.create_task(_poll(store, options.poll_s))
+            log.info("serving %d adapters from %s in front of %s", store.known(), store.root,
+                     redact_url(config.vendor_url), extra={"fields": {"event": "startup"}})
+        endpoints.live = True
         try:
             yield
         finally:
-            endpoints.service = None
+            endpoints.live, endpoints.service = False, None
+            if poller is not None:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
+            if store is not None:
+                store.close()
             await client.aclose()
-            logging.getLogger(SERVER_LOGGER).info("stopped", extra={"fields": {"event": "shutdown"}})
+            log.info("stopped", extra={"fields": {"event": "shutdown"}})
 
     e = endpoints
 
     def route(path: str, handler: Handler, method: str) -> Route:
         return Route(path, _guarded(handler, metrics), methods=[method])
 
-    routes = [route("/v1/classify", e.classify, "POST"), route("/v1/classify/batch", e.classify_batch, "POST"),
-              route("/", e.hf_zero_shot, "POST"), route("/zero-shot-image-classification", e.hf_zero_shot, "POST"),
-              route("/", e.info, "GET"), route("/v1/info", e.info, "GET"), route("/healthz", e.healthz, "GET"),
-              route("/readyz", e.readyz, "GET"), route("/metrics", e.metrics_text, "GET")]
+    if store is None:
+        served = [route("/v1/classify", e.classify, "POST"), route("/v1/classify/batch", e.classify_batch, "POST"),
+                  route("/", e.hf_zero_shot, "POST"),
+                  route("/zero-shot-image-classification", e.hf_zero_shot, "POST")]
+    else:
+        served = [route(*r) for r in AdapterEndpoints(config, store, metrics).routes()]
+    routes = [*served, route("/", e.info, "GET"), route("/v1/info", e.info, "GET"),
+              route("/healthz", e.healthz, "GET"), route("/readyz", e.readyz, "GET"),
+              route("/metrics", e.metrics_text, "GET")]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
     app.add_middleware(AccessMiddleware, metrics=metrics, access_log=config.access_log)
-    app.state.config, app.state.metrics = config, metrics
+    app.state.config, app.state.metrics, app.state.store = config, metrics, store
     return app
 
 
+async def _poll(store: AdapterStore, every_s: float) -> None:
+    """Hot reload: look for new, changed and removed adapter files every ``every_s`` seconds."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await to_thread.run_sync(store.refresh)
+        except Exception:  # e.g. the registry is being rewritten: keep serving what is known, say why
+            logging.getLogger(SERVER_LOGGER).exception("adapter refresh failed; serving the versions known")
+
+
 def app_from_env() -> Starlette:
-    """The app configured from ``CRAFT_SERVE_*`` variables: the factory each worker process calls."""
-    return create_app(ServerConfig.from_env())
+    """The app configured from ``CRAFT_SERVE_*`` variables: the factory each worker process calls.
+
+    ``CRAFT_SERVE_ADAPTERS`` (a folder or registry file) serves many adapters; until it is a ``ServerConfig``
+    field it is read here, and ``CRAFT_SERVE_ADAPTER`` may then be left unset.
+    """
+    adapters = os.environ.get("CRAFT_SERVE_ADAPTERS") or None
+    overrides = {"adapter": adapters} if adapters and not os.environ.get("CRAFT_SERVE_ADAPTER") else {}
+    return create_app(ServerConfig.from_env(**overrides), adapters=adapters)
 
 
 def uvicorn_options(config: ServerConfig) -> dict[str, Any]:

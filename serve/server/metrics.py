@@ -2,7 +2,10 @@
 
 Per process: each worker keeps its own figures (the server is otherwise stateless), so scrape each worker,
 or run one worker per container. Label values are fixed strings chosen by the server, never request data, so
-nothing a client or the vendor sends (and never the vendor key) reaches the metrics.
+nothing a client or the vendor sends (and never the vendor key) reaches the metrics. The one exception is
+the ``adapter`` label of a multi-adapter server: a name from the server's own adapter folder, and only the
+first ``top_n`` names that get traffic have their own; the rest share ``other``, so a server with thousands
+of adapters still exports a bounded number of series (and a counter never changes label under a scraper).
 """
 
 from __future__ import annotations
@@ -74,6 +77,10 @@ class Gauge(_Metric):
         with self._lock:
             self.value += amount
 
+    def set(self, value: float) -> None:
+        """Set the value."""
+        self.value = value
+
     def render(self) -> list[str]:
         """Text-format lines."""
         return self._header() + [f"{self.name} {_number(self.value)}"]
@@ -131,8 +138,43 @@ class ServerMetrics:
         self.vendor_latency = Histogram(f"{p}_vendor_call_duration_seconds", "Time of one vendor call.")
         self.vendor_in_flight = Gauge(f"{p}_vendor_calls_in_flight", "Vendor calls open now.")
 
+        self.adapters: AdapterMetrics | None = None
+
     def render(self) -> str:
         """The whole exposition, Prometheus text format 0.0.4."""
-        metrics = (self.requests, self.latency, self.in_flight, self.images, self.vendor_calls, self.vendor_errors,
-                   self.vendor_retries, self.vendor_latency, self.vendor_in_flight)
+        metrics = [self.requests, self.latency, self.in_flight, self.images, self.vendor_calls, self.vendor_errors,
+                   self.vendor_retries, self.vendor_latency, self.vendor_in_flight]
+        if self.adapters is not None:
+            metrics += self.adapters.all()
         return "\n".join(line for m in metrics for line in m.render()) + "\n"
+
+
+class AdapterMetrics:
+    """Per-adapter figures of a multi-adapter server, with the ``adapter`` label bounded to ``top_n`` names."""
+
+    def __init__(self, top_n: int = 50) -> None:
+        p = "craft_adapter_adapter"
+        self.top_n, self._named, self._lock = top_n, set[str](), threading.Lock()
+        self.requests = Counter(f"{p}_requests_total", "Requests by adapter (first top_n names seen, then "
+                                "'other') and outcome ('ok' or the error type).", ("adapter", "outcome"))
+        self.latency = Histogram(f"{p}_request_duration_seconds", "Time to answer, by adapter.", ("adapter",))
+        self.images = Counter(f"{p}_images_classified_total", "Images answered, by adapter.", ("adapter",))
+        self.events = Counter(f"{p}_events_total", "Store events: load, evict, reload, by outcome.",
+                              ("event", "outcome"))
+        self.known = Gauge(f"{p}s_known", "Adapters with a current version.")
+        self.loaded = Gauge(f"{p}s_loaded", "Adapter versions loaded now.")
+        self.loaded_bytes = Gauge(f"{p}s_loaded_bytes", "Estimated memory of the loaded adapter versions.")
+
+    def label(self, name: str) -> str:
+        """``name`` if it has (or now gets) one of the ``top_n`` label slots, else ``other``."""
+        if name in self._named:
+            return name
+        with self._lock:
+            if len(self._named) < self.top_n:
+                self._named.add(name)
+                return name
+        return "other"
+
+    def all(self) -> list[_Metric]:
+        """Every metric, for rendering."""
+        return [self.requests, self.latency, self.images, self.events, self.known, self.loaded, self.loaded_bytes]

@@ -2,7 +2,11 @@
 
 A batch's vendor calls run concurrently (within the client's bound on calls in flight). If any image's call
 fails, the whole request fails and the other calls are cancelled: no answer is ever built from part of a
-batch, or from a reply the client rejected.
+batch, or from a reply the client rejected. Each call carries this adapter's labels and template, so one
+vendor client serves any number of adapters.
+
+With ``batching``, the refinements of all requests for this adapter whose vendor scores arrive in the same
+event-loop turn run as one batched session call (no timer, so no added wait).
 """
 
 from __future__ import annotations
@@ -18,14 +22,22 @@ from craft_adapter.serve.server.vendor_pool import VendorFailure, ZeroShotVendor
 from craft_adapter.serve.shipped import ShippedAdapter
 
 
+def servable_problem(mode: str, logit_kind: str, source: str) -> str | None:
+    """Why an adapter of this mode and logit kind cannot sit in front of a zero-shot vendor, or None."""
+    if mode != "text":
+        return (f"{source} was fitted with soft prompts (context vectors), which a zero-shot HTTP vendor cannot "
+                "take; refit it in text mode to serve it in front of a vendor URL")
+    if logit_kind != "probabilities":
+        return (f"{source} was fitted on vendor {logit_kind}, but a zero-shot vendor returns probabilities; "
+                "refit it against the zero-shot vendor")
+    return None
+
+
 def check_servable(adapter: ShippedAdapter) -> None:
     """Raise :class:`AdapterError` unless ``adapter`` can sit in front of a zero-shot (probabilities) vendor."""
-    if adapter.mode != "text":
-        raise AdapterError(f"{adapter.source} was fitted with soft prompts (context vectors), which a zero-shot "
-                           "HTTP vendor cannot take; refit it in text mode to serve it in front of a vendor URL")
-    if adapter.logit_kind != "probabilities":
-        raise AdapterError(f"{adapter.source} was fitted on vendor {adapter.logit_kind}, but a zero-shot "
-                           "vendor returns probabilities; refit it against the zero-shot vendor")
+    problem = servable_problem(adapter.mode, adapter.logit_kind, adapter.source)
+    if problem:
+        raise AdapterError(problem)
 
 
 @dataclass(frozen=True)
@@ -39,10 +51,11 @@ class Classified:
 class AdapterService:
     """Scores images at the vendor with the learned prompt and refines them; holds no per-request state."""
 
-    def __init__(self, adapter: ShippedAdapter, client: ZeroShotVendorClient) -> None:
+    def __init__(self, adapter: ShippedAdapter, client: ZeroShotVendorClient, batching: bool = False) -> None:
         check_servable(adapter)
         self.adapter, self.client = adapter, client
         self.index = {name: i for i, name in enumerate(adapter.class_names)}
+        self._batcher = RefineBatcher(adapter) if batching else None
 
     @property
     def class_names(self) -> list[str]:
@@ -52,18 +65,56 @@ class AdapterService:
     async def classify(self, images: list[bytes], deadline: float) -> Classified:
         """Refined predictions for checked image bytes, or the first :class:`VendorFailure` of the batch."""
         encoded = [base64.b64encode(b).decode("ascii") for b in images]
+        labels, template = self.adapter.class_names, self.adapter.template
         if len(encoded) == 1:
-            rows = [await self.client.scores(encoded[0], deadline)]
+            rows = [await self.client.scores(encoded[0], deadline, labels, template)]
         else:
             try:
                 async with asyncio.TaskGroup() as group:  # one failure cancels the rest of the batch
-                    tasks = [group.create_task(self.client.scores(e, deadline)) for e in encoded]
+                    tasks = [group.create_task(self.client.scores(e, deadline, labels, template)) for e in encoded]
             except* VendorFailure as failures:
                 raise failures.exceptions[0] from None
             rows = [t.result() for t in tasks]
         scores = np.stack(rows)  # [n, c], each row checked complete and finite by the client
-        _, probabilities = self.adapter.refine(scores)
+        if self._batcher is not None:
+            probabilities = await self._batcher.refine(scores)
+        else:
+            _, probabilities = self.adapter.refine(scores)
         return Classified(np.asarray(probabilities), scores)
+
+
+class RefineBatcher:
+    """Runs the refinements queued in one event-loop turn as one session call, and splits the answer."""
+
+    def __init__(self, adapter: ShippedAdapter) -> None:
+        self.adapter = adapter
+        self._queue: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = []
+        self.calls = self.rows = 0  # session calls made and rows refined, to see how much was batched
+
+    def refine(self, scores: np.ndarray) -> asyncio.Future[np.ndarray]:
+        """A future for the probabilities ``[n, c]`` of ``scores`` ``[n, c]``."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        self._queue.append((scores, future))
+        if len(self._queue) == 1:
+            loop.call_soon(self._flush)  # after every callback already ready in this turn
+        return future
+
+    def _flush(self) -> None:
+        queue, self._queue = self._queue, []
+        self.calls, self.rows = self.calls + 1, self.rows + sum(len(s) for s, _ in queue)
+        try:
+            _, probabilities = self.adapter.refine(np.concatenate([s for s, _ in queue]))
+        except Exception as e:  # noqa: BLE001 (every waiting request gets the session's failure)
+            for _, future in queue:
+                if not future.done():
+                    future.set_exception(e)
+            return
+        start = 0
+        for scores, future in queue:
+            if not future.done():  # its request may have been cancelled meanwhile
+                future.set_result(probabilities[start:start + len(scores)])
+            start += len(scores)
 
 
 def top_answer(names: list[str], probabilities: np.ndarray, vendor_scores: np.ndarray | None,
