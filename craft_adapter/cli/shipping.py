@@ -27,7 +27,7 @@ def export_cmd(
     atol: Annotated[float, typer.Option(help="Parity limit: max abs difference from the torch refiner.")] = 1e-5,
 ) -> None:
     """Export the adapter's refiner to ONNX, after checking parity with torch through onnxruntime."""
-    from craft_adapter.artifact.adapter_file import AdapterError
+    from craft_adapter.artifact.adapter_file import Adapter, AdapterError
     from craft_adapter.export import ExportError, export_onnx
 
     if not onnx:
@@ -35,9 +35,17 @@ def export_cmd(
     if output is not None and output.resolve() == adapter.resolve():
         raise fail("the output path is the adapter itself; choose another --out")
     try:
+        loaded = Adapter.load(adapter)
         report = export_onnx(adapter, output, opset=opset, atol=atol)
     except (AdapterError, ExportError) as e:
         raise fail(str(e)) from None
+    if loaded.mode == "soft":  # the file is right, but alone it cannot send this adapter's prompt
+        n_ctx, width = loaded.ctx.shape
+        err.print(f"[yellow]warning:[/] this is a soft-prompt adapter: its {n_ctx} context vectors (x {width}, "
+                  f"prompt.ctx) do not travel in {report.path}, which holds the refiner only. The runtime refuses "
+                  "the .onnx for it. Ship the .safetensors file to a vendor that accepts context vectors (the "
+                  "in-process open_clip backend, or a plug-in protocol with embed_soft); for a string API "
+                  "(hf-zero-shot, openai-embeddings, cohere, voyage), refit with --prompt text", highlight=False)
     parity = ", ".join(f"batch {b}: {d:.2g}" for b, d in report.max_abs_diff_torch.items())
     out.print(f"wrote [bold]{report.path}[/] (opset {report.opset}, {report.n_classes} classes, hidden "
                   f"{report.hidden}); max abs difference from torch: {parity} (limit {atol:g})", highlight=False)
