@@ -27,6 +27,7 @@ from craft_adapter.serve.server.inputs import ApiError, classify_options, decode
 from craft_adapter.serve.server.metrics import ServerMetrics
 from craft_adapter.serve.server.service import top_answer, zero_shot_answer
 from craft_adapter.serve.server.settings import ServerConfig
+from craft_adapter.vendors.credentials import redact_url
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -44,6 +45,22 @@ class MultiOptions:
     def __post_init__(self) -> None:
         if self.memory_budget_mb < 0 or self.poll_s <= 0 or self.keep_versions < 1 or self.metrics_top_n < 0:
             raise ValueError("memory_budget_mb >= 0, poll_s > 0, keep_versions >= 1 and metrics_top_n >= 0")
+
+
+def multi_info(config: ServerConfig, store: AdapterStore | None, authenticated: bool, version: str) -> dict:
+    """What ``GET /v1/info`` answers for a multi-adapter server: adapters, vendor, limits, endpoints."""
+    assert store is not None
+    return {
+        "version": version,
+        "adapters": {"source": str(store.root), "count": store.known(), "loaded": store.loaded_count(),
+                     "memory_budget_bytes": store.budget_bytes or None},
+        "vendor": {"url": redact_url(config.vendor_url), "protocol": "hf-zero-shot-image-classification",
+                   "authenticated": authenticated},
+        "limits": {"max_body_bytes": config.max_body_bytes, "max_batch": config.max_batch,
+                   "max_image_pixels": config.max_image_pixels, "request_timeout_s": config.request_timeout_s},
+        "endpoints": {"classify": "POST /v1/adapters/{name}/classify", "batch": "POST /v1/adapters/{name}/"
+                      "classify/batch", "hugging_face": "POST /v1/adapters/{name}", "list": "GET /v1/adapters",
+                      "health": "GET /healthz", "ready": "GET /readyz", "metrics": "GET /metrics"}}
 
 
 async def read_images(request: Request, config: ServerConfig, batch: bool) -> list[bytes]:

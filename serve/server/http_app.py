@@ -44,8 +44,8 @@ from starlette.routing import Route
 
 from craft_adapter import __version__
 from craft_adapter.serve.server.access import AccessMiddleware
-from craft_adapter.serve.server.adapter_routes import AdapterEndpoints, MultiOptions, read_images
-from craft_adapter.serve.server.adapter_store import AdapterStore
+from craft_adapter.serve.server.adapter_routes import AdapterEndpoints, MultiOptions, multi_info, read_images
+from craft_adapter.serve.server.adapter_store import AdapterStore, poll_forever
 from craft_adapter.serve.server.inputs import ApiError, classify_options, decoded_all, hf_request
 from craft_adapter.serve.server.logs import SERVER_LOGGER, setup_logging
 from craft_adapter.serve.server.metrics import AdapterMetrics, ServerMetrics
@@ -145,7 +145,7 @@ class _Endpoints:
         """GET /v1/info: what this server serves, and its limits."""
         a, c = self.adapter, self.config
         if a is None:
-            return self._multi_info()
+            return JSONResponse(multi_info(self.config, self.store, self.key is not None, __version__))
         return JSONResponse({
             "version": __version__,
             "adapter": {"source": a.source, "classes": a.class_names, "template": a.template, "mode": a.mode,
@@ -157,21 +157,6 @@ class _Endpoints:
             "endpoints": {"classify": "POST /v1/classify", "batch": "POST /v1/classify/batch",
                           "hugging_face": "POST /", "health": "GET /healthz", "ready": "GET /readyz",
                           "metrics": "GET /metrics"}})
-
-    def _multi_info(self) -> Response:
-        c, s = self.config, self.store
-        assert s is not None
-        return JSONResponse({
-            "version": __version__,
-            "adapters": {"source": str(s.root), "count": s.known(), "loaded": s.loaded_count(),
-                         "memory_budget_bytes": s.budget_bytes or None},
-            "vendor": {"url": redact_url(c.vendor_url), "protocol": "hf-zero-shot-image-classification",
-                       "authenticated": self.key is not None},
-            "limits": {"max_body_bytes": c.max_body_bytes, "max_batch": c.max_batch,
-                       "max_image_pixels": c.max_image_pixels, "request_timeout_s": c.request_timeout_s},
-            "endpoints": {"classify": "POST /v1/adapters/{name}/classify", "batch": "POST /v1/adapters/{name}/"
-                          "classify/batch", "hugging_face": "POST /v1/adapters/{name}", "list": "GET /v1/adapters",
-                          "health": "GET /healthz", "ready": "GET /readyz", "metrics": "GET /metrics"}})
 
     async def healthz(self, request: Request) -> Response:
         """GET /healthz: the process answers."""
@@ -203,10 +188,7 @@ class _Endpoints:
     async def metrics_text(self, request: Request) -> Response:
         """GET /metrics: Prometheus text format."""
         if self.store is not None and self.metrics.adapters is not None:
-            m, s = self.metrics.adapters, self.store
-            m.known.set(s.known())
-            m.loaded.set(s.loaded_count())
-            m.loaded_bytes.set(s.loaded_bytes)
+            self.metrics.adapters.observe_store(self.store.known(), self.store.loaded_count(), self.store.loaded_bytes)
         return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -252,7 +234,7 @@ def create_app(config: ServerConfig, key: Secret | None = None, adapters: str | 
                      redact_url(config.vendor_url), extra={"fields": {"event": "startup"}})
         elif store is not None:
             store.make_service = lambda a: AdapterService(a, client, options.batching)
-            poller = asyncio.create_task(_poll(store, options.poll_s))
+            poller = asyncio.create_task(poll_forever(store, options.poll_s))
             log.info("serving %d adapters from %s in front of %s", store.known(), store.root,
                      redact_url(config.vendor_url), extra={"fields": {"event": "startup"}})
         endpoints.live = True
@@ -287,16 +269,6 @@ def create_app(config: ServerConfig, key: Secret | None = None, adapters: str | 
     app.add_middleware(AccessMiddleware, metrics=metrics, access_log=config.access_log)
     app.state.config, app.state.metrics, app.state.store = config, metrics, store
     return app
-
-
-async def _poll(store: AdapterStore, every_s: float) -> None:
-    """Hot reload: look for new, changed and removed adapter files every ``every_s`` seconds."""
-    while True:
-        await asyncio.sleep(every_s)
-        try:
-            await to_thread.run_sync(store.refresh)
-        except Exception:  # e.g. the registry is being rewritten: keep serving what is known, say why
-            logging.getLogger(SERVER_LOGGER).exception("adapter refresh failed; serving the versions known")
 
 
 def app_from_env() -> Starlette:

@@ -175,6 +175,12 @@ class AdapterMetrics:
                 return name
         return "other"
 
+    def observe_store(self, known: int, loaded: int, loaded_bytes: int) -> None:
+        """Set the store gauges (read at scrape time)."""
+        self.known.set(known)
+        self.loaded.set(loaded)
+        self.loaded_bytes.set(loaded_bytes)
+
     def all(self) -> list[_Metric]:
         """Every metric, for rendering."""
         return [self.requests, self.latency, self.images, self.events, self.known, self.loaded, self.loaded_bytes]

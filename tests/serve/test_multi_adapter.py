@@ -271,3 +271,29 @@ def test_batching_across_requests_answers_each_request_its_own(folder, stub: Stu
             check(answer, adapters["big"], image)
     finally:
         srv.stop()
+
+
+def test_a_registry_file_names_adapters_anywhere_and_bad_ones_are_refused(tmp_path: Path, stub: StubVendor,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "models").mkdir()
+    a, b = make(3, 21), make(6, 22)
+    a.save(tmp_path / "models" / "v7.safetensors")
+    b.save(tmp_path / "other.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 64)
+    registry = tmp_path / "registry.json"
+    registry.write_text('{"adapters": {"alpha": "models/v7.safetensors", "beta": "other.safetensors", '
+                        '"gamma": "broken.safetensors", "bad/name": "other.safetensors"}}')
+    srv = ServerThread(registry, stub.url, MultiOptions(poll_s=0.1))
+    try:
+        assert [x["name"] for x in httpx.get(srv.url + "/v1/adapters").json()["adapters"]] == ["alpha", "beta"]
+        startup_log = capsys.readouterr().err  # the first scan runs in create_app, before the test's log catcher
+        assert "adapter gamma refused" in startup_log and "a name is [A-Za-z0-9._-]" in startup_log
+        for name, adapter in (("alpha", a), ("beta", b)):
+            check(classify(srv.url, name, png(4)).json(), adapter, png(4))
+    finally:
+        srv.stop()
+    registry.write_text("[1, 2]")
+    from craft_adapter.artifact.adapter_file import AdapterError
+
+    with pytest.raises(AdapterError, match="a registry is JSON"):
+        ServerThread(registry, stub.url, MultiOptions())
