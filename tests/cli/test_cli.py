@@ -12,6 +12,7 @@ from craft_adapter.artifact.adapter_file import Adapter
 from craft_adapter.cli import app
 
 runner = CliRunner()
+WIDE = {"COLUMNS": "300", "TERMINAL_WIDTH": "300"}  # one help line per option
 
 
 def invoke(*args):
@@ -93,3 +94,50 @@ def test_tiny_cli_fit_improves_over_zero_shot_and_loads(reference_vendor_dir, tm
     r = invoke("inspect", out)
     assert r.exit_code == 0 and "reads as" in r.output and "8" in r.output
     assert np.isfinite(adapter.ctx).all()
+
+
+def test_fit_options_are_generated_from_every_setting_with_its_help_and_panel():
+    from dataclasses import fields
+
+    from craft_adapter.cli.fitting import HP, RUN
+    from craft_adapter.training.config import FitConfig, operational_settings
+
+    r = runner.invoke(app, ["fit", "--help"], env=WIDE)
+    assert r.exit_code == 0
+    lines = r.output.splitlines()
+    panel_of, panel = {}, None
+    for line in lines:
+        if line.startswith("╭─"):
+            panel = line.strip("╭─ ").rstrip("─╮ ").strip()
+        panel_of.update({w: panel for w in line.split() if w.startswith("--")})
+    for f in fields(FitConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in panel_of, flag
+        assert panel_of[flag] == (RUN if f.name in operational_settings() else HP), flag
+        help_words = " ".join(f.metadata["help"].split()[:3])
+        assert any(flag in ln and help_words in ln for ln in lines) or f.name == "prompt", (flag, help_words)
+        if f.default is not None and f.type != "bool" and f.name != "prompt":
+            assert any(flag in ln and f"[default: {f.default}]" in ln for ln in lines), flag
+    assert "--train-prompt" in panel_of and "--no-train-prompt" in panel_of and "[default: auto]" in r.output
+
+
+def test_serve_options_are_generated_from_every_server_setting():
+    from dataclasses import fields
+
+    from craft_adapter.serve.server.settings import ServerConfig
+
+    r = runner.invoke(app, ["serve", "--help"], env=WIDE)
+    assert r.exit_code == 0
+    for f in fields(ServerConfig):
+        assert f"CRAFT_SERVE_{f.name.upper()}" in r.output, f.name
+        assert " ".join(f.metadata["help"].split()[:3]) in r.output, f.name
+    for flag in ("--vendor ", "--vendor-timeout", "--retries", "--backoff ", "--key-env", "--access-log",
+                 "[default: (8000)]", "[default: (10.0)]"):
+        assert flag in r.output, flag
+
+
+def test_bad_prompt_and_step_scale_are_clean_errors(tmp_path):
+    r = invoke("fit", "-o", tmp_path / "a.safetensors", "--prompt", "poem")
+    assert r.exit_code == 2 and "--prompt must be auto, soft or text" in r.output
+    r = invoke("fit", "-o", tmp_path / "a.safetensors", "--step-scale", "huge")
+    assert r.exit_code == 2 and "Traceback" not in r.output
