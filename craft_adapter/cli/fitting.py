@@ -1,6 +1,5 @@
-"""``craft-adapter fit`` and ``craft-adapter demo``: options in, :func:`~craft_adapter.training.api.fit_adapter`
-called once, its typed errors turned into messages and exit codes (2 bad input, 3 the vendor failed, 130
-interrupted), a progress bar drawn from its callback.
+"""``craft-adapter fit`` and ``craft-adapter demo``: options in, the settings built once, the backend loaded, and
+:func:`~craft_adapter.cli.fit_runs.run_fit` (``fit_adapter`` with a progress bar and clean exits) called once.
 
 The hyperparameter options are generated from :class:`FitConfig`'s fields (name, type, default, help, and the
 help panel by group), so there is one copy of each setting; only the options that are not settings (where the
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from craft_adapter.cli.fit_progress import FitProgress
+from craft_adapter.cli.fit_runs import RUN, run_fit, summary
 from craft_adapter.cli.shared import (
     DEFAULT_MODEL,
     DataOpt,
@@ -30,22 +29,15 @@ from craft_adapter.cli.shared import (
     load_test_set,
     options_from,
     out,
-    train_data,
     with_options,
 )
 from craft_adapter.training.config import FitConfig
 
 if TYPE_CHECKING:
-    from craft_adapter.blackbox.query_cache import QueryCache
     from craft_adapter.serve import HttpZeroShotVendor
-    from craft_adapter.training.api import FitOutcome
-    from craft_adapter.training.resume import FitRun
     from craft_adapter.vendors.credentials import Secret
 
-EXIT_VENDOR = 3  # the vendor failed persistently: everything paid is kept; --resume later
-EXIT_INTERRUPTED = 130
 HP = "Hyperparameters (decide the adapter)"
-RUN = "Vendor calls, cache and resume (never change the adapter)"
 PROMPT_HELP = "soft (context vectors), text (template string), or auto: soft when the backend accepts context vectors."
 
 
@@ -55,17 +47,6 @@ def setting_options() -> list[inspect.Parameter]:
     params["prompt"] = inspect.Parameter("prompt", inspect.Parameter.KEYWORD_ONLY, default="auto", annotation=Annotated[
         str, typer.Option(help=PROMPT_HELP, rich_help_panel=HP)])
     return list(params.values())
-
-
-def _summary(output: Path, outcome: FitOutcome) -> None:
-    f, m = outcome.adapter.fit, outcome.record.meter
-    held = "n/a" if f["holdout_acc"] is None else f"{100 * f['holdout_acc']:.1f}%"
-    price = f", about ${f['estimated_price']:.2f}" if "estimated_price" in f else ""
-    out.print(f"wrote [bold]{output}[/] ({output.stat().st_size} bytes): {f['queries']} queries, "
-              f"{f['vendor_calls']} vendor calls{price} (budget {f['budget']} {outcome.config.budget_unit}), "
-              f"held-out accuracy {held}, {outcome.record.wall_time_s:.1f}s; prompt {outcome.adapter.template!r}")
-    out.print(f"vendor calls this run: {m['paid_calls']} paid, {m['cached_calls']} answered by the query cache, "
-              f"{m['failed_calls']} failed (retried)")
 
 
 def load_vendor(url: str, key: Secret | None = None, header: str = "Authorization", scheme: str = "Bearer",
@@ -138,33 +119,6 @@ def _resumed_options(ctx: typer.Context, opts: dict, inv: dict) -> dict:
         if k in inv and not _given(ctx, k):
             out[k] = Path(inv[k]) if k in ("data", "weights", "cache", "key_file") and inv[k] else inv[k]
     return out
-
-
-def run_fit(cfg: FitConfig, backend: Any, data: Path | None, output: Path, cache: QueryCache | None = None,
-            resume: FitRun | None = None, price_per_1k: float | None = None,
-            invocation: dict | None = None) -> FitOutcome:
-    """:func:`fit_adapter` with a progress bar, writing to ``output``; its typed errors become clean exits."""
-    from craft_adapter.training.api import CacheFailed, FitError, ResumeConflict, VendorStopped, fit_adapter
-
-    where = f" Everything paid so far is in the query cache {cache.path}; run the same command with --resume to " \
-            "continue without paying for it again." if cache is not None else ""
-    try:
-        with FitProgress(cfg, price_per_1k) as show:
-            return fit_adapter(train_data(data, cfg.shots, cfg.seed), backend, cfg, cache=cache, resume=resume,
-                               output=output, on_progress=show, price_per_1k=price_per_1k, invocation=invocation)
-    except ResumeConflict as e:
-        raise fail(f"{e}. Resume with the settings the fit was started with, or start a new fit without "
-                   "--resume") from None
-    except VendorStopped as e:
-        raise fail(f"the vendor failed: {e}.{where}", EXIT_VENDOR) from None
-    except CacheFailed as e:  # an answer that cannot be kept is not used: stop before paying for more
-        raise fail(f"{e}; the fit stopped rather than use an answer it could not keep. The answers stored "
-                   "before are kept: fix the cause (disk space, permissions), then run the same command with "
-                   "--resume.") from None
-    except KeyboardInterrupt:
-        raise fail(f"interrupted.{where}", EXIT_INTERRUPTED) from None
-    except FitError as e:
-        raise fail(str(e)) from None
 
 
 def fit_cmd(
@@ -241,7 +195,7 @@ def fit_cmd(
     finally:
         if store is not None:
             store.close()
-    _summary(output, outcome)
+    summary(output, outcome)
 
 
 def demo_cmd(

@@ -27,6 +27,10 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+# Exit codes: 2 (typer's, and fail's default) bad input; 3 the vendor failed (fit: everything paid is kept,
+# --resume later); 130 interrupted.
+EXIT_VENDOR = 3
+EXIT_INTERRUPTED = 130
 
 DEFAULT_MODEL = f"local-dir:{REFERENCE_VENDOR_DIR}"
 ModelOpt = Annotated[str, typer.Option(
