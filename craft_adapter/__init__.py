@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 _API = "craft_adapter.training.api"
 _LAZY = {
     "fit_adapter": _API, "FitOutcome": _API, "FitRecord": _API, "FitError": _API, "SettingsError": _API,
-    "VendorStopped": _API, "CacheFailed": _API, "ResumeConflict": _API,
+    "VendorStopped": _API, "CacheFailed": _API, "ResumeConflict": _API, "use_passive_omp_wait": _API,
     "FitConfig": "craft_adapter.training.config", "LabeledImages": "craft_adapter.training.image_sets",
 }
 __all__ = ["__version__", *_LAZY]
