@@ -20,6 +20,7 @@ import numpy as np
 from craft_adapter.artifact.adapter_file import AdapterError
 from craft_adapter.serve.server.vendor_pool import VendorFailure, ZeroShotVendorClient
 from craft_adapter.serve.shipped import ShippedAdapter
+from craft_adapter.vendors.replies import zero_shot_reply
 
 
 def servable_problem(mode: str, logit_kind: str, source: str) -> str | None:
@@ -134,6 +135,8 @@ def zero_shot_answer(names: list[str], index: dict[str, int], probabilities: np.
     """Hugging Face zero-shot reply, best first; with ``labels``, only those, renormalised over them."""
     picked = list(range(len(names))) if labels is None else [index[label] for label in labels]
     p = probabilities[picked].astype(np.float64)
-    p = p / p.sum()
-    order = np.argsort(-p, kind="stable")
-    return [{"label": names[picked[i]], "score": float(p[i])} for i in order]
+    total = p.sum()
+    # every chosen label's probability can underflow to 0 (the refiner put all the mass elsewhere): no evidence
+    # between them, so they share it equally rather than dividing 0 by 0
+    p = p / total if total > 0 else np.full(len(p), 1.0 / len(p))
+    return zero_shot_reply([names[i] for i in picked], p)
