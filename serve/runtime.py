@@ -3,6 +3,11 @@
 Per request: the vendor scores the images against the adapter's learned prompt (one prompt per class); the
 scores are checked (shape, finiteness) and preprocessed exactly as in fit (``refiner_input``); the refiner
 and its softmax run in one onnxruntime call; the argmax gives the label.
+
+Vendor calls are as sturdy as the server's (:mod:`craft_adapter.serve.vendor_binding`): transient faults are retried
+under a :class:`~craft_adapter.vendors.retries.RetryPolicy` (fit's rules, one implementation), a scoring vendor's
+per-image calls run ``concurrency`` at a time, and every vendor fault leaves as a
+:class:`~craft_adapter.vendors.faults.VendorError` (``transient``, ``status``, ``retry_after``), whatever the vendor.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import numpy as np
 from PIL import Image
 
 from craft_adapter.serve.shipped import ShippedAdapter
-from craft_adapter.serve.vendor_binding import bind_vendor
+from craft_adapter.serve.vendor_binding import DEFAULT_CONCURRENCY, bind_vendor
 from craft_adapter.vendors.replies import check_scores
+from craft_adapter.vendors.retries import RetryPolicy
 
 
 @dataclass(frozen=True)
@@ -57,16 +63,19 @@ class Predictions:
 
 
 class AdapterRuntime:
-    """A shipped adapter in front of a vendor. ``vendor`` is anything :func:`bind_vendor` accepts."""
+    """A shipped adapter in front of a vendor. ``vendor`` is anything :func:`bind_vendor` accepts; ``retry`` and
+    ``concurrency`` bound how hard and how widely it is called."""
 
-    def __init__(self, adapter: ShippedAdapter, vendor: Any) -> None:
+    def __init__(self, adapter: ShippedAdapter, vendor: Any, retry: RetryPolicy | None = None,
+                 concurrency: int = DEFAULT_CONCURRENCY) -> None:
         self.adapter = adapter
-        self._vendor_scores = bind_vendor(vendor, adapter)
+        self._vendor_scores = bind_vendor(vendor, adapter, retry, concurrency)
 
     @classmethod
-    def load(cls, path: str | Path, vendor: Any, device: str = "auto") -> AdapterRuntime:
+    def load(cls, path: str | Path, vendor: Any, device: str = "auto", retry: RetryPolicy | None = None,
+             concurrency: int = DEFAULT_CONCURRENCY) -> AdapterRuntime:
         """Load ``path`` (``.safetensors`` or ``.onnx``) and put it in front of ``vendor``."""
-        return cls(ShippedAdapter.load(path, device), vendor)
+        return cls(ShippedAdapter.load(path, device), vendor, retry, concurrency)
 
     @property
     def class_names(self) -> list[str]:
@@ -94,6 +103,7 @@ class AdapterRuntime:
         return self.predict([image])[0]
 
 
-def load_runtime(path: str | Path, vendor: Any, device: str = "auto") -> AdapterRuntime:
+def load_runtime(path: str | Path, vendor: Any, device: str = "auto", retry: RetryPolicy | None = None,
+                 concurrency: int = DEFAULT_CONCURRENCY) -> AdapterRuntime:
     """Load a shipped adapter (``.safetensors`` or ``.onnx``) and put it in front of ``vendor``."""
-    return AdapterRuntime.load(path, vendor, device)
+    return AdapterRuntime.load(path, vendor, device, retry, concurrency)

@@ -8,12 +8,22 @@ Three shapes are accepted, checked in this order:
   ``embed_texts``). Its scores are cosine logits, ``adapter.logit_scale * cos(image_emb, text_emb)``, with the
   scale recorded at fit time and both embeddings L2-normalised here (:func:`~craft_adapter.vendors.replies.unit_rows`);
 - a scoring vendor (the :class:`~craft_adapter.vendors.protocols.ScoringBackend` protocol: ``score(image, labels,
-  template)``), such as the Hugging Face zero-shot clients in :mod:`craft_adapter.vendors.http_clients`.
+  template)``), such as the Hugging Face zero-shot clients in :mod:`craft_adapter.vendors.http_clients`. It is
+  called once per image, with at most ``concurrency`` calls in flight; answers are placed by index, so the result
+  never depends on which call finished first, and after a call fails for good nothing more is sent.
+
+Every vendor call goes through the one retry loop (:func:`~craft_adapter.vendors.retries.call_with_retries`, the
+rules fit and the server follow), with each answer checked inside it, so a garbled answer is retried like a 503.
+A vendor fault of any vendor class (our clients' errors, requests/httpx/huggingface_hub HTTP errors, timeouts,
+dropped connections) leaves as one type, :class:`~craft_adapter.vendors.faults.VendorError`, with ``transient``,
+``status`` and ``retry_after``; an exception that is no vendor fault (a bug in a callable) is re-raised unchanged.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -22,9 +32,21 @@ from PIL import Image
 from craft_adapter.artifact.adapter_file import AdapterError
 from craft_adapter.serve.shipped import ShippedAdapter
 from craft_adapter.vendors.protocols import CallableVendor, EmbeddingBackend, ScoringBackend, fill
-from craft_adapter.vendors.replies import check_answer, unit_rows
+from craft_adapter.vendors.replies import PROBABILITY_KINDS, check_answer, unit_rows
+from craft_adapter.vendors.retries import RetryPolicy, call_with_retries
 
 Scores = Callable[[Sequence[Image.Image]], np.ndarray]  # images -> raw vendor scores [n, c]
+DEFAULT_CONCURRENCY = 8  # scoring calls in flight per batch
+
+
+class _Calls:
+    """Vendor calls under one retry policy: ``call(fn, check)`` is ``check(fn())``, retried, or a VendorError."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+
+    def call(self, fn: Callable[[], Any], check: Callable[[Any], np.ndarray]) -> np.ndarray:
+        return call_with_retries(lambda: check(fn()), self.policy)
 
 
 def _returns(vendor: Any) -> str | None:
@@ -34,49 +56,81 @@ def _returns(vendor: Any) -> str | None:
     return getattr(caps, "returns", None)
 
 
-def bind_vendor(vendor: Any, adapter: ShippedAdapter) -> Scores:
-    """A function from images to raw vendor scores ``[n, c]`` that sends ``adapter``'s learned prompt."""
+def bind_vendor(vendor: Any, adapter: ShippedAdapter, retry: RetryPolicy | None = None,
+                concurrency: int = DEFAULT_CONCURRENCY) -> Scores:
+    """A function from images to raw vendor scores ``[n, c]`` that sends ``adapter``'s learned prompt, retrying
+    transient faults under ``retry`` and running a scoring vendor's per-image calls ``concurrency`` at a time."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    calls = _Calls(retry or RetryPolicy())
     returns = _returns(vendor)
     if returns is not None and returns != adapter.logit_kind:
         raise AdapterError(f"the adapter was fitted on vendor {adapter.logit_kind}, but this vendor returns "
                            f"{returns}; serve it with the kind of vendor it was fitted with, or refit")
     names, template = adapter.class_names, adapter.template
     prompts = [fill(template, c) for c in names]
+    c, probabilities = len(names), adapter.logit_kind in PROBABILITY_KINDS
     if adapter.mode == "soft":
-        return _soft_scores(vendor, adapter)
+        return _soft_scores(vendor, adapter, calls)
     if isinstance(vendor, CallableVendor) or (callable(vendor) and not isinstance(
             vendor, (EmbeddingBackend, ScoringBackend))):
-        return lambda images: vendor(images, list(prompts))
+        return lambda images: calls.call(lambda: vendor(images, list(prompts)), lambda a: check_answer(
+            a, (len(images), c), probabilities=probabilities))
     if isinstance(vendor, EmbeddingBackend):
-        return _cosine_scores(vendor, adapter.logit_scale, lambda: vendor.embed_texts(prompts))
+        return _cosine_scores(vendor, adapter.logit_scale, lambda: vendor.embed_texts(prompts), calls)
     if isinstance(vendor, ScoringBackend):
-        return lambda images: _scoring_scores(vendor, images, names, template)
+        return lambda images: _scoring_scores(vendor, images, names, template, calls, concurrency, probabilities)
     raise TypeError(f"{type(vendor).__name__} is not a vendor: pass a callable (images, prompts) -> scores, an "
                     "embedding client (embed_images/embed_texts) or a scoring client (score)")
 
 
-def _soft_scores(vendor: Any, adapter: ShippedAdapter) -> Scores:
+def _soft_scores(vendor: Any, adapter: ShippedAdapter, calls: _Calls) -> Scores:
     if adapter.ctx is None or not callable(getattr(vendor, "embed_soft", None)):
         raise AdapterError("this adapter was fitted with soft prompts (context vectors), which a string API cannot "
                            "take: serve the .safetensors file (it carries prompt.ctx) with a vendor that accepts "
                            "context vectors (embed_soft), or refit with text prompts for a string API")
     ctx = adapter.ctx[None]  # [1, n_ctx, width]
-    return _cosine_scores(vendor, adapter.logit_scale, lambda: vendor.embed_soft(ctx, adapter.class_names)[0])
+    return _cosine_scores(vendor, adapter.logit_scale, lambda: vendor.embed_soft(ctx, adapter.class_names)[0],
+                          calls)
 
 
-def _cosine_scores(vendor: Any, scale: float, class_embeddings: Callable[[], Any]) -> Scores:
+def _cosine_scores(vendor: Any, scale: float, class_embeddings: Callable[[], Any], calls: _Calls) -> Scores:
     cache: list[np.ndarray] = []
 
     def scores(images: Sequence[Image.Image]) -> np.ndarray:
         if not cache:  # the prompt never changes, so its text embeddings are fetched once, on first use
-            cache.append(unit_rows(class_embeddings()))  # [c, d]
-        return scale * (unit_rows(vendor.embed_images(images)) @ cache[0].T)  # [n, c]
+            cache.append(unit_rows(calls.call(class_embeddings, lambda a: check_answer(a, (None, None)))))  # [c, d]
+        d = cache[0].shape[1]
+        emb = calls.call(lambda: vendor.embed_images(images), lambda a: check_answer(a, (len(images), d)))
+        return scale * (unit_rows(emb) @ cache[0].T)  # [n, c]
     return scores
 
 
-def _scoring_scores(vendor: Any, images: Sequence[Image.Image], names: list[str], template: str) -> np.ndarray:
+def _scoring_scores(vendor: Any, images: Sequence[Image.Image], names: list[str], template: str, calls: _Calls,
+                    concurrency: int, probabilities: bool) -> np.ndarray:
     out = np.empty((len(images), len(names)), np.float32)
-    for i, image in enumerate(images):  # one vendor call per image: that is what a scoring API sells
-        out[i] = check_answer(vendor.score(image, names, template), (len(names),))
+    failed = threading.Event()  # once a call fails for good, the calls not yet sent are not sent
+
+    def one(i: int) -> None:  # one vendor call per image: that is what a scoring API sells
+        if failed.is_set():
+            return
+        try:
+            out[i] = calls.call(lambda: vendor.score(images[i], names, template),
+                                lambda a: check_answer(a, (len(names),), probabilities=probabilities))
+        except BaseException:
+            failed.set()
+            raise
+
+    if concurrency == 1 or len(images) <= 1:
+        for i in range(len(images)):
+            one(i)
+        return out
+    with ThreadPoolExecutor(max_workers=min(concurrency, len(images)), thread_name_prefix="vendor") as pool:
+        futures = [pool.submit(one, i) for i in range(len(images))]
+        errors = [f.exception() for f in futures]  # waits for every call; answers are placed by index
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
     return out
+
 

@@ -55,8 +55,8 @@ __all__ = [  # the checks' names are re-exported: modules import them from here
     "CTX_KEY", "FORMAT_VERSION", "LOG_FLOOR", "MAX_ABS_VALUE", "MAX_CLASSES", "MAX_CTX_TOKENS", "MAX_CTX_WIDTH",
     "MAX_FILE_BYTES", "MAX_HEADER_BYTES", "MAX_HIDDEN", "MAX_JSON_DEPTH", "MAX_METADATA_BYTES", "MAX_METADATA_ENTRIES",
     "MAX_TENSORS", "MAX_TEXT_CHARS", "METADATA_KEY", "REFINER_KEYS", "TENSOR_KEYS", "Adapter", "AdapterError",
-    "AdapterWriteError", "LogitKind", "Mode", "TensorEntry", "bounded", "check_tensor_table", "check_writable",
-    "metadata_fields", "parse_json", "read_adapter_bytes", "read_header", "refiner_input",
+    "AdapterWriteError", "LOGIT_KINDS", "LogitKind", "Mode", "TensorEntry", "bounded", "check_tensor_table",
+    "check_writable", "metadata_fields", "parse_json", "read_adapter_bytes", "read_header", "refiner_input",
 ]
 
 LOG_FLOOR = np.float32(1e-12)
@@ -85,17 +85,21 @@ def check_writable(path: str | Path) -> None:
                                 "permissions or choose another output path") from None
 
 Mode = Literal["soft", "text"]
-LogitKind = Literal["logits", "probabilities"]
+# what the vendor's scores are: raw logits, a softmax over the classes ("probabilities", summing to 1), or one
+# sigmoid per class ("independent_probabilities", SigLIP-style). Recorded at fit; the runtime and the server accept
+# only a vendor of the same kind. Adapters written before the third kind existed read unchanged.
+LogitKind = Literal["logits", "probabilities", "independent_probabilities"]
+LOGIT_KINDS = ("logits", "probabilities", "independent_probabilities")
 
 
 def refiner_input(scores: np.ndarray, kind: str) -> np.ndarray:
-    """What the refiner sees: raw logits as they are, probabilities as ``log(max(p, 1e-12))``, float32."""
+    """What the refiner sees: raw logits as they are, probabilities of either kind as ``log(max(p, 1e-12))``."""
     scores = np.asarray(scores, dtype=np.float32)
     if kind == "logits":
         return scores
-    if kind == "probabilities":
+    if kind in ("probabilities", "independent_probabilities"):
         return np.log(np.maximum(scores, LOG_FLOOR))
-    raise AdapterError(f"unknown logit kind {kind!r}; expected 'logits' or 'probabilities'")
+    raise AdapterError(f"unknown logit kind {str(kind)[:40]!r}; expected one of {list(LOGIT_KINDS)}")
 
 
 @dataclass

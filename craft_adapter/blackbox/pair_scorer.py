@@ -21,7 +21,7 @@ from craft_adapter.blackbox.meter import QueryMeter
 from craft_adapter.blackbox.query_cache import BackendCache, digest, image_key
 from craft_adapter.blackbox.retried_calls import Caller
 from craft_adapter.vendors.protocols import ScoringBackend
-from craft_adapter.vendors.replies import check_answer
+from craft_adapter.vendors.replies import PROBABILITY_KINDS, check_answer
 
 
 class RateLimiter:
@@ -64,7 +64,7 @@ class PairScorer:
         self.caller = caller or Caller(meter)
         self.store = store or BackendCache(None, backend.identity)
         self.image_keys = list(image_keys) if image_keys is not None else [image_key(im) for im in images]
-        self.probabilities = backend.capabilities.returns == "probabilities"
+        self.probabilities = backend.capabilities.returns in PROBABILITY_KINDS  # softmax or sigmoid: in [0, 1]
         self.cache: dict[tuple[int, str], np.ndarray] = {}
         self._lock = threading.Lock()
         self._abort: BaseException | None = None

@@ -19,14 +19,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from craft_adapter.vendors.faults import backoff_delay, is_transient_status, parse_retry_after
+from craft_adapter.vendors.faults import VendorError
+from craft_adapter.vendors.retries import RetryPolicy, as_vendor_error, call_with_retries
 
 if TYPE_CHECKING:
     from craft_adapter.blackbox.meter import QueryMeter
 
+__all__ = ["Caller", "RetryPolicy", "VendorUnavailable", "classify"]
 
 T = TypeVar("T")
 
@@ -35,45 +36,15 @@ class VendorUnavailable(RuntimeError):
     """The vendor failed persistently; nothing more was sent. Answers paid so far are kept."""
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How hard to try: ``retries`` per call, backoff from ``backoff_s`` doubling up to ``max_backoff_s``, a cap on
-    failures."""
-
-    retries: int = 5
-    backoff_s: float = 0.5
-    max_backoff_s: float = 30.0
-    max_failed_calls: int | None = None  # None: no cap beyond the per-call retries
-
-    def __post_init__(self) -> None:
-        if self.retries < 0 or self.backoff_s < 0 or self.max_backoff_s < 0:
-            raise ValueError("retries and backoff times must be non-negative")
-        if self.max_failed_calls is not None and self.max_failed_calls < 0:
-            raise ValueError("max_failed_calls must be non-negative")
-
-    def delay(self, attempt: int, retry_after: float | None) -> float:
-        """Seconds to wait before retry number ``attempt`` (0-based), the vendor's ``retry_after`` at least."""
-        return backoff_delay(attempt, self.backoff_s, self.max_backoff_s, retry_after)
-
-
 def classify(exc: BaseException) -> tuple[bool, float | None] | None:
     """``(transient, retry_after)`` for a vendor fault, or ``None`` when ``exc`` is not one (a bug: re-raise)."""
-    transient = getattr(exc, "transient", None)
-    if isinstance(transient, bool):  # VendorError (every refused reply among them) and anything shaped like it
-        return transient, getattr(exc, "retry_after", None)
-    response = getattr(exc, "response", None)  # requests / httpx errors, huggingface_hub's HfHubHTTPError
-    status = getattr(response, "status_code", None)
-    if isinstance(status, int):
-        if not is_transient_status(status):
-            return False, None
-        return True, parse_retry_after((getattr(response, "headers", None) or {}).get("Retry-After"))
-    if isinstance(exc, (TimeoutError, ConnectionError, OSError)):
-        return True, None
-    return None
+    error = as_vendor_error(exc)
+    return None if error is None else (error.transient, error.retry_after)
 
 
 class Caller:
-    """Makes vendor calls under a :class:`RetryPolicy`, counting every attempt on the meter; thread-safe."""
+    """Makes vendor calls under a :class:`RetryPolicy` (the shared loop in :mod:`craft_adapter.vendors.retries`),
+    counting every attempt on the meter; thread-safe."""
 
     def __init__(self, meter: QueryMeter, policy: RetryPolicy | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
@@ -83,30 +54,32 @@ class Caller:
 
     def call(self, fn: Callable[[], T], check: Callable[[T], T], what: str) -> T:
         """``check(fn())``, retried on transient faults; raises :class:`VendorUnavailable` when it gives up."""
-        for attempt in range(self.policy.retries + 1):
+        started = [0.0]
+
+        def attempt() -> T:
             if self.stopped is not None:
                 raise self.stopped
-            t0 = time.perf_counter()
-            try:
-                answer = check(fn())
-            except Exception as e:  # noqa: BLE001 (sorted out by classify; a bug re-raises unchanged)
-                kind = classify(e)
-                if kind is None:
-                    raise
-                transient, retry_after = kind
-                self._failed(time.perf_counter() - t0)
-                reason = f"{type(e).__name__}: {e}"
-                if not transient:
-                    raise self._stop(f"the vendor refused {what}; a retry would not change that: {reason}") from None
-                if attempt == self.policy.retries:
-                    raise self._stop(f"{what} failed {attempt + 1} times in a row; last: {reason}") from None
-                self.sleep(self.policy.delay(attempt, retry_after))
-                continue
-            with self._lock:
-                self.meter.vendor_seconds += time.perf_counter() - t0
-                self.meter.paid_calls += 1
-            return answer
-        raise AssertionError("unreachable")
+            started[0] = time.perf_counter()
+            return check(fn())
+
+        last: list[BaseException] = []
+
+        def failed(error: VendorError, original: BaseException, seconds: float) -> None:
+            last[:] = [original]
+            self._failed(seconds)
+
+        try:
+            answer = call_with_retries(attempt, self.policy, sleep=self.sleep, on_failure=failed)
+        except VendorError as error:
+            e = last[0] if last else error
+            reason = f"{type(e).__name__}: {e}"
+            if not error.transient:
+                raise self._stop(f"the vendor refused {what}; a retry would not change that: {reason}") from None
+            raise self._stop(f"{what} failed {self.policy.retries + 1} times in a row; last: {reason}") from None
+        with self._lock:
+            self.meter.vendor_seconds += time.perf_counter() - started[0]
+            self.meter.paid_calls += 1
+        return answer
 
     def _failed(self, seconds: float) -> None:
         with self._lock:
@@ -124,4 +97,3 @@ class Caller:
             if self.stopped is None:
                 self.stopped = VendorUnavailable(message)
             return self.stopped
-

@@ -20,6 +20,15 @@ Faults, applied per call: first any scripted in :attr:`StubVendor.script` (in or
 - ``wrong_labels``: a well-formed answer with one label renamed; ``missing_label``: one label left out;
 - ``not_probabilities``: every score doubled; ``nan``: one score NaN (JSON ``NaN``, as Python's json writes it);
 - ``401``: HTTP 401 whose body echoes the ``Authorization`` header, as careless APIs do (a leak test).
+
+Hostile kinds (:mod:`craft_adapter.testing.hostile_replies`), to test the reply contract of
+:mod:`craft_adapter.vendors.http_limits` and the scrubbing of :mod:`craft_adapter.vendors.credentials`:
+
+- ``redirect``: HTTP ``redirect_status`` (302) to ``redirect_to``; ``gzip_bomb``: a gzip body inflating to
+  ``bomb_mb`` MB; ``endless``: a 200 streaming ``bomb_mb`` MB; ``echo``: a 401 echoing the key in
+  ``echo_encoding`` after ``echo_pad`` filler characters.
+
+``scores="sigmoid"`` makes the stub answer independent per-label probabilities (SigLIP-style) instead of a softmax.
 """
 
 from __future__ import annotations
@@ -37,19 +46,25 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from craft_adapter.testing import hostile_replies
 from craft_adapter.vendors.replies import read_zero_shot_request, zero_shot_reply
 
 FAULT_KINDS = ("timeout", "500", "429", "malformed", "wrong_labels")
-ALL_FAULT_KINDS = (*FAULT_KINDS, "503", "truncated", "missing_label", "not_probabilities", "nan", "401")
+HOSTILE_KINDS = ("redirect", "gzip_bomb", "endless", "echo")
+ALL_FAULT_KINDS = (*FAULT_KINDS, "503", "truncated", "missing_label", "not_probabilities", "nan", "401",
+                   *HOSTILE_KINDS)
 STATUS_KINDS = ("400", "408", "425")  # scripted only: plain statuses, to pin which ones a client retries
 UPSTREAM_TIMEOUT_S = 120.0
 
 
-def stub_probabilities(image_b64: str, labels: list[str]) -> np.ndarray:
-    """The stub's answer ``[c]`` for an image (as sent, base64) and labels: softmax of hash-derived logits."""
+def stub_probabilities(image_b64: str, labels: list[str], scores: str = "softmax") -> np.ndarray:
+    """The stub's answer ``[c]`` for an image (as sent, base64) and labels: softmax of hash-derived logits, or with
+    ``scores="sigmoid"`` an independent sigmoid of each (shifted so that most are well below 1/2)."""
     image_hash = hashlib.sha256(image_b64.encode()).digest()
     logits = np.array([int.from_bytes(hashlib.sha256(image_hash + label.encode()).digest()[:4], "little")
                        for label in labels], dtype=np.float64) / 2**32 * 8.0  # [c], in [0, 8)
+    if scores == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-(logits - 6.0)))
     p = np.exp(logits - logits.max())
     return p / p.sum()
 
@@ -68,6 +83,9 @@ class StubVendor(ThreadingHTTPServer):
         self.latency_s, self.fault_rate, self.fault_kinds = latency_s, fault_rate, tuple(fault_kinds)
         self.hang_s, self.retry_after = hang_s, str(retry_after)  # Retry-After may be fractional, e.g. "0.2"
         self.upstream = upstream
+        self.scores = "softmax"  # or "sigmoid"
+        self.redirect_to, self.redirect_status = "http://127.0.0.1:9/", 302  # the hostile kinds' settings
+        self.bomb_mb, self.echo_encoding, self.echo_pad = 600, "raw", 0
         self.script: list[str] = []
         self.calls: Counter[str] = Counter()  # by what was answered: ok or the fault kind
         self.upstream_errors = 0  # forwarded calls the upstream failed (its status passed through)
@@ -168,6 +186,9 @@ class _Handler(BaseHTTPRequestHandler):
         kind = self.server.next_fault()
         if self.server.latency_s > 0:
             time.sleep(self.server.latency_s)
+        if kind in HOSTILE_KINDS:  # before the request is read: any client, any protocol, meets them
+            self._hostile(kind)
+            return
         request = None
         if not self.server.upstream:  # a proxy forwards the body as it came; the upstream judges it
             try:
@@ -202,7 +223,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
         else:
             labels = request.labels  # type: ignore[union-attr] (read above whenever there is no upstream)
-            answer = zero_shot_reply(labels, stub_probabilities(request.image_b64, labels))  # type: ignore[union-attr]
+            answer = zero_shot_reply(labels, stub_probabilities(request.image_b64, labels,  # type: ignore[union-attr]
+                                                                self.server.scores))
         if kind == "wrong_labels":
             answer[-1]["label"] = answer[-1]["label"] + " (renamed)"
         elif kind == "missing_label":
@@ -219,6 +241,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, data[: len(data) // 2], length=len(data))
         else:
             self._send(200, data)
+
+    def _hostile(self, kind: str) -> None:
+        server = self.server
+        if kind == "redirect":
+            hostile_replies.send_redirect(self, server.redirect_status, server.redirect_to)
+        elif kind == "gzip_bomb":
+            hostile_replies.send_gzip_bomb(self, server.bomb_mb)
+        elif kind == "endless":
+            hostile_replies.send_endless(self, server.bomb_mb)
+        else:
+            hostile_replies.send_echo(self, server.echo_encoding, server.echo_pad)
 
     def _forward(self, raw: bytes) -> tuple[int, bytes]:
         """The upstream's status and body for this request body; a failure to reach it is a 502."""
@@ -270,12 +303,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--retry-after", default="1", help="the Retry-After of a 429, in seconds (may be fractional)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--upstream", default=None, help="a real zero-shot endpoint URL: be a fault-injecting proxy")
+    ap.add_argument("--scores", choices=("softmax", "sigmoid"), default="softmax", help="the score kind answered")
+    ap.add_argument("--redirect-to", default="http://127.0.0.1:9/", help="where a 'redirect' fault points")
+    ap.add_argument("--bomb-mb", type=int, default=600, help="decoded size of a 'gzip_bomb' or 'endless' reply")
     args = ap.parse_args(argv)
     kinds = tuple(k for k in args.faults.split(",") if k)
     if unknown := set(kinds) - set(ALL_FAULT_KINDS):
         ap.error(f"unknown fault kinds {sorted(unknown)}")
     stub = StubVendor(args.host, args.port, args.latency, args.fault_rate, kinds, args.hang, args.retry_after,
                       args.seed, args.upstream)
+    stub.scores, stub.redirect_to, stub.bomb_mb = args.scores, args.redirect_to, args.bomb_mb
     print(f"stub vendor at {stub.url}" + (f" (proxy to {args.upstream})" if args.upstream else ""), flush=True)
     try:
         stub.serve_forever()

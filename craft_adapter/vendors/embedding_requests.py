@@ -26,9 +26,17 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from craft_adapter.vendors.credentials import Secret, auth_headers, header_secrets, redact_url, scrub_secrets
+from craft_adapter.vendors.credentials import (
+    Secret,
+    auth_headers,
+    header_secrets,
+    redact_url,
+    url_secrets,
+    vendor_detail,
+)
 from craft_adapter.vendors.faults import VendorError, status_error
 from craft_adapter.vendors.http_clients import EMBEDDING, image_png
+from craft_adapter.vendors.http_limits import embedding_reply_cap, send_capped
 from craft_adapter.vendors.replies import unit_rows
 
 
@@ -106,7 +114,7 @@ class EmbeddingHttpClient:
         self.model, self.logit_scale, self.timeout = model, logit_scale, timeout
         self.max_inputs = {"image": int(max_images), "text": int(max_texts)}
         self._headers = {"Content-Type": "application/json", **(headers or {}), **auth_headers(key)}
-        self._secrets = header_secrets(self._headers.items())
+        self._secrets = header_secrets(self._headers.items()) + url_secrets(self.url)
         self._client = httpx.Client(timeout=timeout)
         self._calls_lock = threading.Lock()
         self.calls = 0  # HTTP requests sent (failed ones too): every one is a vendor call
@@ -157,14 +165,16 @@ class EmbeddingHttpClient:
         with self._calls_lock:
             self.calls += 1
         try:
-            response = self._client.post(url, content=json.dumps(self.request_body(kind, inputs)).encode(),
-                                         headers=self._headers)
+            # no redirects, a size cap scaled by the inputs, bounded gzip (craft_adapter.vendors.http_limits)
+            response = send_capped(self._client, "POST", url, cap=embedding_reply_cap(len(inputs)),
+                                   timeout=self.timeout, headers=self._headers,
+                                   content=json.dumps(self.request_body(kind, inputs)).encode())
         except httpx.HTTPError as e:  # refused, reset, timed out, cut short: worth another try
-            reason = scrub_secrets(str(e) or type(e).__name__, self._secrets)
+            reason = vendor_detail(e, self._secrets)
             raise VendorError(f"cannot reach the {self.protocol} vendor at {shown} ({reason})") from None
         if response.status_code >= 400:
             status = response.status_code
-            detail = scrub_secrets(vendor_message(response.content), self._secrets)
+            detail = vendor_detail(vendor_message(response.content), self._secrets)
             raise status_error(f"{shown} answered HTTP {status}: {detail}", status, response.headers.get("Retry-After"))
         try:
             rows = self.reply_rows(response.json(), len(inputs))
@@ -172,7 +182,7 @@ class EmbeddingHttpClient:
                             for r in rows])
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             raise VendorError(f"{shown} answered a body that is not a {self.protocol} embedding reply for "
-                              f"{len(inputs)} inputs: {scrub_secrets(response.text[:200], self._secrets)}") from None
+                              f"{len(inputs)} inputs: {vendor_detail(response.content, self._secrets)}") from None
         if emb.ndim != 2 or len(emb) != len(inputs) or not np.isfinite(emb).all():
             raise VendorError(f"{shown} answered embeddings of shape {emb.shape} for {len(inputs)} inputs, or "
                               "non-finite values; expected one finite vector per input")

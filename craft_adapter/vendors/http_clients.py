@@ -4,10 +4,16 @@
 - :class:`HttpZeroShotVendor` speaks the same protocol with the standard library only:
   POST ``{"inputs": <base64 image>, "parameters": {"candidate_labels": [...], "hypothesis_template": "..."}}``,
   answer ``[{"label": ..., "score": ...}, ...]`` (probabilities, any order).
+  Both take ``scores="softmax"`` (the default: scores sum to 1) or ``"sigmoid"`` (independent per-label
+  probabilities, as SigLIP endpoints answer); see :mod:`craft_adapter.vendors.replies`.
 - :class:`EmbeddingApiVendor` calls an embedding API, the one ``craft-adapter vendor`` serves:
   POST ``/embed/images`` ``{"inputs": [<base64 image>, ...]}`` and POST ``/embed/texts`` ``{"inputs": [text, ...]}``,
   each answering ``{"embeddings": [[...], ...]}``; GET ``/info`` answers ``{"logit_scale": ...}``.
   Scores are cosine logits (see :mod:`craft_adapter.serve.vendor_binding`).
+
+Every reply is read under :mod:`craft_adapter.vendors.http_limits` (no redirects, size caps, bounded gzip), and
+vendor text reaches a message only through :func:`~craft_adapter.vendors.credentials.vendor_detail`, scrubbed of the
+header key and of the URL's query values.
 """
 
 from __future__ import annotations
@@ -19,15 +25,26 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from craft_adapter.vendors.credentials import header_secrets, redact_url, scrub_secrets
+from craft_adapter.vendors.credentials import header_secrets, redact_url, url_secrets, vendor_detail
 from craft_adapter.vendors.faults import VendorError, status_error
+from craft_adapter.vendors.http_limits import MAX_REPLY_BYTES, open_capped, zero_shot_reply_cap
 from craft_adapter.vendors.protocols import Capabilities
-from craft_adapter.vendors.replies import check_answer, unit_rows, zero_shot_request, zero_shot_scores
+from craft_adapter.vendors.replies import (
+    SOFTMAX,
+    ScoreKindCheck,
+    check_answer,
+    reply_json,
+    score_kind,
+    unit_rows,
+    zero_shot_request,
+)
+from craft_adapter.vendors.retries import as_vendor_error
 
 ZERO_SHOT = Capabilities(style="scoring", text_prompts=True, soft_prompts=False, returns="probabilities")
 EMBEDDING = Capabilities(style="embedding", text_prompts=True, soft_prompts=False, returns="logits")
@@ -45,11 +62,13 @@ def image_base64(image: Image.Image) -> str:
     return base64.b64encode(image_png(image)).decode("ascii")
 
 
-def post_json(url: str, payload: Any, headers: dict[str, str] | None = None, timeout: float = 60.0) -> Any:
-    """POST ``payload`` as JSON and parse the JSON answer; HTTP and network failures become :class:`VendorError`."""
+def post_json(url: str, payload: Any, headers: dict[str, str] | None = None, timeout: float = 60.0,
+              cap: int = MAX_REPLY_BYTES) -> Any:
+    """POST ``payload`` as JSON and parse the JSON answer (at most ``cap`` bytes); every failure is a
+    :class:`VendorError`."""
     request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
                                      headers={"Content-Type": "application/json", **(headers or {})})
-    return _json_answer(request, timeout)
+    return _json_answer(request, timeout, cap)
 
 
 def get_json(url: str, headers: dict[str, str] | None = None, timeout: float = 60.0) -> Any:
@@ -57,74 +76,104 @@ def get_json(url: str, headers: dict[str, str] | None = None, timeout: float = 6
     return _json_answer(urllib.request.Request(url, headers=headers or {}), timeout)
 
 
-def _json_answer(request: urllib.request.Request, timeout: float) -> Any:
+def _json_answer(request: urllib.request.Request, timeout: float, cap: int = MAX_REPLY_BYTES) -> Any:
     url = redact_url(request.full_url)  # messages and logs never carry a key from the URL
-    secrets = header_secrets(request.header_items())
+    secrets = header_secrets(request.header_items()) + url_secrets(request.full_url)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = response.read()
-    except urllib.error.HTTPError as e:
-        detail = scrub_secrets(e.read()[:500].decode("utf-8", "replace"), secrets)
-        raise status_error(f"{url} answered HTTP {e.code}: {detail}", e.code, e.headers.get("Retry-After")) from None
+        status, headers, body = open_capped(request, timeout, cap)
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
-        reason = scrub_secrets(str(getattr(e, "reason", e)) or type(e).__name__, secrets)
+        reason = vendor_detail(str(getattr(e, "reason", e)) or type(e).__name__, secrets)
         raise VendorError(f"cannot reach the vendor at {url} ({reason}); is it running? "
                           "`craft-adapter vendor` serves one locally") from None
+    if status >= 400:
+        raise status_error(f"{url} answered HTTP {status}: {vendor_detail(body, secrets)}", status,
+                           headers.get("Retry-After"))
     try:
-        return json.loads(body)
-    except ValueError:
-        raise VendorError(f"{url} did not answer JSON: {scrub_secrets(repr(body[:200]), secrets)}") from None
+        return reply_json(body)
+    except VendorError:
+        raise VendorError(f"{url} did not answer JSON: {vendor_detail(body, secrets)}") from None
 
 
-def _zero_shot_scores(answer: Any, labels: Sequence[str], where: str) -> np.ndarray:
-    """The one zero-shot reply rule (:func:`zero_shot_scores`), its refusal naming the endpoint."""
-    try:
-        return zero_shot_scores(answer, labels)
-    except VendorError as e:
-        raise VendorError(f"{where} sent an unusable zero-shot reply: {e}") from None
+def _reply_error(e: VendorError, where: str, secrets: list[str]) -> VendorError:
+    """A reply rule's refusal naming the endpoint, with any vendor text in it scrubbed then cut."""
+    return type(e)(f"{where} sent an unusable zero-shot reply: {vendor_detail(str(e), secrets, 600)}",
+                   transient=e.transient, status=e.status, retry_after=e.retry_after)
+
+
+def _zero_shot_capabilities(scores: str) -> tuple[Capabilities, str]:
+    kind = score_kind(scores)
+    return replace(ZERO_SHOT, returns=kind), kind
 
 
 class HfInferenceVendor:
     """The real ``huggingface_hub.InferenceClient`` as a scoring vendor (one image per call).
 
-    ``client`` is an ``InferenceClient`` or the URL of a zero-shot-image-classification endpoint.
+    ``client`` is an ``InferenceClient`` or the URL of a zero-shot-image-classification endpoint; ``scores`` is
+    the endpoint's score kind (``"softmax"`` or ``"sigmoid"``). Every failure is a :class:`VendorError`.
     """
 
-    capabilities = ZERO_SHOT
-
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, scores: str = "softmax") -> None:
         if isinstance(client, str):
             from huggingface_hub import InferenceClient
 
             client = InferenceClient(model=client)
         self.client = client
+        self.capabilities, kind = _zero_shot_capabilities(scores)
+        self._check = ScoreKindCheck(kind)
         self.identity = {"name": "hf-inference", "model": str(getattr(client, "model", None))}
+        if kind != SOFTMAX:  # softmax identities stay as they were, so their cached answers stay valid
+            self.identity["scores"] = scores
+        token = getattr(client, "token", None)
+        self._secrets = [token] if isinstance(token, str) and token else []
+        self._secrets += header_secrets((getattr(client, "headers", None) or {}).items())
 
     def score(self, image: Image.Image, labels: Sequence[str], template: str) -> np.ndarray:
-        """Probabilities ``[c]`` for one image, in ``labels`` order."""
-        # this client sends bytes (not PIL images) base64-encoded when parameters are given
-        answer = self.client.zero_shot_image_classification(
-            image_png(image), candidate_labels=list(labels), hypothesis_template=template)
+        """Scores ``[c]`` for one image, in ``labels`` order."""
+        try:
+            # this client sends bytes (not PIL images) base64-encoded when parameters are given
+            answer = self.client.zero_shot_image_classification(
+                image_png(image), candidate_labels=list(labels), hypothesis_template=template)
+        except Exception as e:  # noqa: BLE001 (huggingface_hub's, requests' and aiohttp's errors: one type out)
+            error = as_vendor_error(e)
+            if error is None:
+                raise
+            status = f"HTTP {error.status}: " if error.status else ""
+            raise VendorError(f"the Hugging Face endpoint failed ({status}{vendor_detail(e, self._secrets)})",
+                              transient=error.transient, status=error.status,
+                              retry_after=error.retry_after) from None
         # the client decodes the JSON into its own element objects; the reply rule reads them back as JSON reads
         decoded = [e if isinstance(e, dict) else {"label": getattr(e, "label", None),
                                                   "score": getattr(e, "score", None)} for e in answer]
-        return _zero_shot_scores(decoded, labels, "the Hugging Face endpoint")
+        try:
+            return self._check.scores(decoded, labels)
+        except VendorError as e:
+            raise _reply_error(e, "the Hugging Face endpoint", self._secrets) from None
 
 
 class HttpZeroShotVendor:
-    """A Hugging Face zero-shot-image-classification endpoint over plain HTTP (no huggingface_hub)."""
+    """A Hugging Face zero-shot-image-classification endpoint over plain HTTP (no huggingface_hub).
 
-    capabilities = ZERO_SHOT
+    ``scores`` is the endpoint's score kind: ``"softmax"`` (sum to 1) or ``"sigmoid"`` (independent).
+    """
 
-    def __init__(self, url: str, headers: dict[str, str] | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, headers: dict[str, str] | None = None, timeout: float = 60.0,
+                 scores: str = "softmax") -> None:
         self.url, self.headers, self.timeout = url, dict(headers or {}), timeout
+        self.capabilities, kind = _zero_shot_capabilities(scores)
+        self._check = ScoreKindCheck(kind)
         self.identity = {"name": "hf-zero-shot-http", "url": redact_url(url)}
+        if kind != SOFTMAX:  # softmax identities stay as they were, so their cached answers stay valid
+            self.identity["scores"] = scores
+        self._secrets = header_secrets(self.headers.items()) + url_secrets(url)
 
     def score(self, image: Image.Image, labels: Sequence[str], template: str) -> np.ndarray:
-        """Probabilities ``[c]`` for one image, in ``labels`` order."""
+        """Scores ``[c]`` for one image, in ``labels`` order."""
         answer = post_json(self.url, zero_shot_request(image_base64(image), labels, template), self.headers,
-                           self.timeout)
-        return _zero_shot_scores(answer, labels, self.identity["url"])
+                           self.timeout, zero_shot_reply_cap(list(labels)))
+        try:
+            return self._check.scores(answer, labels)
+        except VendorError as e:
+            raise _reply_error(e, self.identity["url"], self._secrets) from None
 
 
 class EmbeddingApiVendor:
@@ -160,5 +209,7 @@ class EmbeddingApiVendor:
         url = f"{self.url}/embed/{kind}"
         answer = post_json(url, {"inputs": inputs}, self.headers, self.timeout)
         if not isinstance(answer, dict) or "embeddings" not in answer:
-            raise VendorError(f"{redact_url(url)} did not answer {{'embeddings': [[...], ...]}}: {str(answer)[:200]}")
+            secrets = header_secrets(self.headers.items()) + url_secrets(self.url)
+            raise VendorError(f"{redact_url(url)} did not answer {{'embeddings': [[...], ...]}}: "
+                              f"{vendor_detail(json.dumps(answer), secrets)}")
         return unit_rows(check_answer(answer["embeddings"], (len(inputs), None), source=redact_url(url)))

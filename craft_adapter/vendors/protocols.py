@@ -18,12 +18,17 @@ from PIL import Image
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend accepts and returns."""
+    """What a backend accepts and returns.
+
+    ``returns``: ``"logits"`` (any real scores), ``"probabilities"`` (a softmax over the labels, summing to 1) or
+    ``"independent_probabilities"`` (one sigmoid per label, each in [0, 1]); the fitted adapter records it as its
+    ``logit_kind`` and accepts only a vendor returning the same.
+    """
 
     style: Literal["embedding", "scoring"]
     text_prompts: bool = True
     soft_prompts: bool = False
-    returns: Literal["logits", "probabilities"] = "logits"
+    returns: Literal["logits", "probabilities", "independent_probabilities"] = "logits"
 
 
 @runtime_checkable
@@ -83,8 +88,8 @@ def fill(template: str, class_name: str) -> str:
 class CallableVendor:
     """Any Python callable ``(images, prompts) -> scores [n_images, n_prompts]`` as a vendor.
 
-    ``returns`` says whether the scores are ``"logits"`` or ``"probabilities"``; ``None`` trusts that they are
-    what the adapter was fitted on.
+    ``returns`` says whether the scores are ``"logits"``, ``"probabilities"`` (softmax) or
+    ``"independent_probabilities"`` (sigmoid); ``None`` trusts that they are what the adapter was fitted on.
     """
 
     fn: Callable[[Sequence[Image.Image], list[str]], Any]

@@ -3,13 +3,24 @@
 Fit, eval, the runtime, the server and the two fake vendors (:mod:`craft_adapter.testing.stub_vendor`,
 :mod:`craft_adapter.reference.local_vendor`) build and read the Hugging Face zero-shot protocol through these
 functions, and check every score array through :func:`check_answer`, so a reply one of them accepts, all of them
-accept, and a reply one refuses, all refuse. Every refusal is a transient :class:`VendorError`: a garbled reply
-may come out right when the same call is sent again.
+accept, and a reply one refuses, all refuse. A refusal is a transient :class:`VendorError` (a garbled reply may
+come out right when the same call is sent again), except a score kind the vendor does not return (see below).
+
+Score kinds: a zero-shot vendor's scores are either a softmax over the labels (``"probabilities"``, summing to 1:
+CLIP-style endpoints, Hugging Face's pipeline) or independent per-label probabilities (``"independent_probabilities"``:
+SigLIP-style sigmoids, each in [0, 1], any sum). The kind is declared by the client (``scores="softmax"|"sigmoid"``),
+recorded in the adapter as its ``logit_kind`` and checked by every reader. :class:`ScoreKindCheck` refuses a
+softmax-declared vendor whose *first* reply does not sum to 1 with a non-transient error that says how to declare
+it, so a fit stops before paying for retries and an adapter that serve would refuse.
+
+No refusal here quotes the reply's text: the clients, which know the secrets, add vendor text to messages only
+through :func:`~craft_adapter.vendors.credentials.vendor_detail` (scrubbed, then cut).
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +35,21 @@ from craft_adapter.vendors.faults import VendorError
 PROBABILITY_SUM_TOLERANCE = 1e-3
 PROBABILITY_RANGE_TOLERANCE = 1e-6  # a float32 softmax can land a hair outside [0, 1]
 HF_DEFAULT_TEMPLATE = "This is a photo of {}."  # Hugging Face's hypothesis_template when none is sent
+SOFTMAX, SIGMOID = "probabilities", "independent_probabilities"  # the two zero-shot score kinds
+SCORE_KINDS = {"softmax": SOFTMAX, "sigmoid": SIGMOID}  # what a client is told -> the kind recorded
+PROBABILITY_KINDS = frozenset(SCORE_KINDS.values())
+
+
+def score_kind(scores: str) -> str:
+    """The recorded kind for a client's ``scores`` argument (``"softmax"`` or ``"sigmoid"``); ValueError otherwise."""
+    if scores not in SCORE_KINDS:
+        raise ValueError(f"scores must be 'softmax' (they sum to 1 over the labels) or 'sigmoid' (independent "
+                         f"per-label probabilities), got {scores!r}")
+    return SCORE_KINDS[scores]
+
+
+class ScoreKindError(VendorError):
+    """A softmax-declared vendor's scores do not sum to 1: garbled, or the vendor returns sigmoid scores."""
 
 
 @dataclass(frozen=True)
@@ -81,31 +107,84 @@ def scores_by_label(pairs: Iterable[tuple[str, float]], labels: Sequence[str]) -
     return np.asarray([got[c] for c in labels], dtype=np.float32)
 
 
-def zero_shot_scores(answer: Any, labels: Sequence[str]) -> np.ndarray:
-    """Probabilities ``[c]`` in ``labels`` order from a decoded zero-shot reply; :class:`VendorError` unless usable.
+def _shape_of(answer: Any) -> str:
+    """What a reply is, in words that quote none of its text."""
+    if not isinstance(answer, list):
+        return f"a JSON {type(answer).__name__}"
+    bad = next(i for i, e in enumerate(answer) if not (
+        isinstance(e, dict) and isinstance(e.get("label"), str) and isinstance(e.get("score"), int | float)
+        and not isinstance(e.get("score"), bool)))
+    return f"a list whose item {bad} is not {{'label': str, 'score': number}}"
 
-    Usable: a list of ``{"label": str, "score": number}``, each label exactly once, finite probabilities summing
-    to 1 (within :data:`PROBABILITY_SUM_TOLERANCE`).
+
+def zero_shot_scores(answer: Any, labels: Sequence[str], kind: str = SOFTMAX) -> np.ndarray:
+    """Scores ``[c]`` in ``labels`` order from a decoded zero-shot reply; :class:`VendorError` unless usable.
+
+    Usable: a list of ``{"label": str, "score": number}``, each label exactly once, finite probabilities in
+    [0, 1]; for the softmax ``kind`` they must also sum to 1 (within :data:`PROBABILITY_SUM_TOLERANCE`), else a
+    :class:`ScoreKindError`.
     """
+    if kind not in PROBABILITY_KINDS:
+        raise ValueError(f"unknown zero-shot score kind {kind!r}; expected one of {sorted(PROBABILITY_KINDS)}")
     if not isinstance(answer, list) or not all(
-            isinstance(e, dict) and isinstance(e.get("label"), str) and isinstance(e.get("score"), (int, float))
+            isinstance(e, dict) and isinstance(e.get("label"), str) and isinstance(e.get("score"), int | float)
             and not isinstance(e.get("score"), bool) for e in answer):
-        raise VendorError(f"the reply is not a zero-shot list [{{'label': str, 'score': number}}, ...]: "
-                          f"{str(answer)[:200]}")
+        raise VendorError(f"the reply is not a zero-shot list [{{'label': str, 'score': number}}, ...] but "
+                          f"{_shape_of(answer)}")
     scores = scores_by_label(((e["label"], e["score"]) for e in answer), labels)
     scores = check_answer(scores, (len(labels),), probabilities=True)
-    if abs(float(scores.sum()) - 1.0) > PROBABILITY_SUM_TOLERANCE:
-        raise VendorError(f"the reply's scores are not probabilities over the labels (sum {float(scores.sum()):.4g})")
+    total = float(scores.sum())
+    if kind == SOFTMAX and abs(total - 1.0) > PROBABILITY_SUM_TOLERANCE:
+        raise ScoreKindError(
+            f"the reply's scores are not probabilities over the labels: they sum to {total:.4g}, not to 1 as softmax "
+            "scores do. If the "
+            "vendor returns independent (sigmoid, SigLIP-style) scores, declare it: scores='sigmoid' on the "
+            "client (HttpZeroShotVendor/HfInferenceVendor), and refit so the adapter records that kind")
     return scores
 
 
-def parse_zero_shot(body: bytes, labels: Sequence[str]) -> np.ndarray:
-    """Probabilities ``[c]`` in ``labels`` order from a reply body (JSON bytes), as :func:`zero_shot_scores` reads."""
+def parse_zero_shot(body: bytes, labels: Sequence[str], kind: str = SOFTMAX) -> np.ndarray:
+    """Scores ``[c]`` in ``labels`` order from a reply body (JSON bytes), as :func:`zero_shot_scores` reads."""
+    return zero_shot_scores(reply_json(body), labels, kind)
+
+
+def reply_json(body: bytes) -> Any:
+    """A reply body decoded as JSON; a transient :class:`VendorError` (quoting none of it) if it is not JSON."""
     try:
-        answer = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # cut short, garbled, or nested absurdly deep
         raise VendorError(f"the reply is not complete JSON ({len(body)} bytes)") from None
-    return zero_shot_scores(answer, labels)
+
+
+class ScoreKindCheck:
+    """The score-kind rule over a client's life: until a reply has matched the declared kind, a mismatch is the
+    vendor's kind, not a garble, so it is refused at once (non-transient); after one has, it is a garbled reply
+    and worth a retry. One per client; thread-safe."""
+
+    def __init__(self, kind: str = SOFTMAX) -> None:
+        if kind not in PROBABILITY_KINDS:
+            raise ValueError(f"unknown zero-shot score kind {kind!r}; expected one of {sorted(PROBABILITY_KINDS)}")
+        self.kind, self.confirmed = kind, False
+        self._lock = threading.Lock()
+
+    def scores(self, answer: Any, labels: Sequence[str]) -> np.ndarray:
+        """:func:`zero_shot_scores` under the first-reply rule."""
+        try:
+            scores = zero_shot_scores(answer, labels, self.kind)
+        except ScoreKindError as e:
+            with self._lock:
+                confirmed = self.confirmed
+            if not confirmed:
+                raise ScoreKindError(f"the vendor's first reply does not match the declared score kind: {e}",
+                                     transient=False) from None
+            raise
+        with self._lock:
+            self.confirmed = True
+        return scores
+
+    def parse(self, body: bytes, labels: Sequence[str]) -> np.ndarray:
+        """:meth:`scores` of a reply body (JSON bytes)."""
+        return self.scores(reply_json(body), labels)
 
 
 def check_answer(arr: Any, shape: tuple[int | None, ...], *, probabilities: bool = False,

@@ -8,7 +8,15 @@ timeouts, dropped connections and replies :func:`~craft_adapter.vendors.replies.
 ``backoff_base_s``/``backoff_max_s``; a ``Retry-After`` (seconds or an HTTP date) sets the least wait. The request
 is :func:`~craft_adapter.vendors.replies.zero_shot_request`'s. Anything unusable fails the call with a
 :class:`VendorFailure` carrying the HTTP status the client gets. The key goes only into the request header
-(:func:`~craft_adapter.vendors.credentials.auth_headers`); messages are scrubbed of it as fit's client scrubs them.
+(:func:`~craft_adapter.vendors.credentials.auth_headers`); vendor text reaches a message only through
+:func:`~craft_adapter.vendors.credentials.vendor_detail`, as in fit's client.
+
+Replies are read under :mod:`craft_adapter.vendors.http_limits`, as fit reads them: a redirect is refused (never
+followed), a body is read in a stream and cut at a cap scaled by the labels, and gzip/deflate are decoded with
+an output bound, so a gzip bomb or an endless reply costs this server at most the cap per call in flight. Each
+call's scores are checked as the adapter's score kind (softmax or sigmoid, its ``logit_kind``), with the
+first-reply rule of :class:`~craft_adapter.vendors.replies.ScoreKindCheck`; refusals that a retry cannot change
+(a redirect, an oversized reply, a vendor of the wrong score kind) are not retried.
 """
 
 from __future__ import annotations
@@ -24,9 +32,17 @@ import numpy as np
 
 from craft_adapter.serve.server.metrics import ServerMetrics
 from craft_adapter.serve.server.settings import ServerConfig
-from craft_adapter.vendors.credentials import Secret, auth_headers, header_secrets, redact_url, scrub_secrets
+from craft_adapter.vendors.credentials import (
+    Secret,
+    auth_headers,
+    header_secrets,
+    redact_url,
+    url_secrets,
+    vendor_detail,
+)
 from craft_adapter.vendors.faults import VendorError, backoff_delay, is_transient_status, parse_retry_after
-from craft_adapter.vendors.replies import parse_zero_shot, zero_shot_request
+from craft_adapter.vendors.http_limits import send_capped_async, zero_shot_reply_cap
+from craft_adapter.vendors.replies import SOFTMAX, ScoreKindCheck, zero_shot_request
 
 POOL_SHARD_SIZE = 8  # connections per httpx pool
 TRICKLE_GRACE_S = 0.5
@@ -54,7 +70,8 @@ class ZeroShotVendorClient:
         self._url_shown = redact_url(config.vendor_url)
         self._slots = asyncio.Semaphore(config.max_vendor_in_flight)
         auth = auth_headers(key, config.vendor_auth_header, config.vendor_auth_scheme)
-        self._secrets = header_secrets(auth.items())
+        self._secrets = header_secrets(auth.items()) + url_secrets(config.vendor_url)
+        self._kind_checks: dict[str, ScoreKindCheck] = {}  # one first-reply rule per score kind
         headers = {"Content-Type": "application/json", **auth}
         # httpcore's pool does work per request that grows with its connection count times its queue, so the
         # connections are spread over small pools; each call takes the least busy one, so while the semaphore
@@ -76,17 +93,19 @@ class ZeroShotVendorClient:
         return json.dumps(zero_shot_request(image_b64, labels, template)).encode()
 
     async def scores(self, image_b64: str, deadline: float, labels: Sequence[str] | None = None,
-                     template: str | None = None) -> np.ndarray:
+                     template: str | None = None, kind: str = SOFTMAX) -> np.ndarray:
         """Vendor probabilities ``[c]`` for one base64 image, by ``deadline`` (``time.monotonic()``), or a failure.
 
-        ``labels`` and ``template`` default to the client's own; a multi-adapter server passes each adapter's.
+        ``labels`` and ``template`` default to the client's own; a multi-adapter server passes each adapter's,
+        and its ``kind`` (the adapter's ``logit_kind``: ``"probabilities"`` or ``"independent_probabilities"``).
         """
         labels = self.labels if labels is None else labels
         payload = self._payload(image_b64, labels, self.template if template is None else template)
+        check = self._kind_checks.get(kind) or self._kind_checks.setdefault(kind, ScoreKindCheck(kind))
         attempts = self.config.vendor_retries + 1
         for attempt in range(attempts):
             try:
-                return await self._attempt(payload, deadline, labels)
+                return await self._attempt(payload, deadline, labels, check)
             except VendorFailure as failure:
                 retryable = failure.type not in ("vendor_rejected", "vendor_busy")
                 if not retryable or attempt == attempts - 1:
@@ -102,7 +121,8 @@ class ZeroShotVendorClient:
         return backoff_delay(attempt, self.config.backoff_base_s, self.config.backoff_max_s, retry_after,
                              self._random.random)
 
-    async def _attempt(self, payload: bytes, deadline: float, labels: Sequence[str]) -> np.ndarray:
+    async def _attempt(self, payload: bytes, deadline: float, labels: Sequence[str],
+                       check: ScoreKindCheck) -> np.ndarray:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise VendorFailure("vendor_timeout", f"no answer from the vendor within the request's "
@@ -118,15 +138,16 @@ class ZeroShotVendorClient:
         outcome = "cancelled"  # what is left if the call is abandoned (a batch sibling failed, the client left)
         try:
             budget = min(self.config.vendor_timeout_s, deadline - time.monotonic())
-            response = await self._post(payload, budget)
+            response = await self._post(payload, budget, zero_shot_reply_cap(list(labels)))
             self._raise_for_status(response)
-            scores = parse_zero_shot(response.content, labels)
+            scores = check.parse(response.content, labels)
             outcome = "ok"
             return scores
-        except VendorError as e:
-            outcome = "bad_reply"
-            raise VendorFailure("vendor_bad_reply", f"the vendor at {self._url_shown} sent an unusable reply: "
-                                f"{self._scrub(str(e))}") from None
+        except VendorError as e:  # a refused reply; one a retry cannot change is not retried
+            outcome = "bad_reply" if e.transient else "rejected"
+            raise VendorFailure("vendor_bad_reply" if e.transient else "vendor_rejected",
+                                f"the vendor at {self._url_shown} sent an unusable reply: "
+                                f"{vendor_detail(str(e), self._secrets, 600)}") from None
         except VendorFailure as f:
             outcome = f.type.removeprefix("vendor_")
             raise
@@ -136,13 +157,13 @@ class ZeroShotVendorClient:
             self.metrics.vendor_calls.inc(outcome)
             self.metrics.vendor_latency.observe(time.perf_counter() - started)
 
-    async def _post(self, payload: bytes, budget: float) -> httpx.Response:
+    async def _post(self, payload: bytes, budget: float, cap: int) -> httpx.Response:
         where = self._url_shown
         try:
             # httpx's own timeouts end a slow call cleanly; the outer one only guards against a reply that
             # trickles in byte by byte (cancelling inside httpcore can strand a pooled connection)
             async with asyncio.timeout(max(budget, 0.0) + TRICKLE_GRACE_S):
-                return await self._post_on_idlest_pool(payload, max(budget, 0.001))
+                return await self._post_on_idlest_pool(payload, max(budget, 0.001), cap)
         except (TimeoutError, httpx.TimeoutException) as e:
             if isinstance(e, httpx.ConnectTimeout):
                 raise VendorFailure("vendor_unreachable", f"cannot connect to the vendor at {where} "
@@ -156,11 +177,12 @@ class ZeroShotVendorClient:
             raise VendorFailure("vendor_error", f"the connection to the vendor at {where} failed mid-reply "
                                 f"({type(e).__name__})") from None
 
-    async def _post_on_idlest_pool(self, payload: bytes, budget: float) -> httpx.Response:
+    async def _post_on_idlest_pool(self, payload: bytes, budget: float, cap: int) -> httpx.Response:
         shard = min(range(len(self._pools)), key=self._busy.__getitem__)
         self._busy[shard] += 1
         try:
-            return await self._pools[shard].post(self.config.vendor_url, content=payload, timeout=budget)
+            return await send_capped_async(self._pools[shard], "POST", self.config.vendor_url, cap=cap,
+                                           content=payload, timeout=budget)
         finally:
             self._busy[shard] -= 1
 
@@ -168,7 +190,7 @@ class ZeroShotVendorClient:
         code = response.status_code
         if code == 200:
             return
-        detail = self._scrub(response.text[:200].replace("\n", " "))
+        detail = vendor_detail(response.content, self._secrets)
         where = self._url_shown
         if is_transient_status(code):
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
@@ -180,5 +202,3 @@ class ZeroShotVendorClient:
         raise VendorFailure("vendor_rejected", f"the vendor at {where} refused the request (HTTP {code}: "
                             f"{detail}){hint}")
 
-    def _scrub(self, text: str) -> str:
-        return scrub_secrets(text, self._secrets)
