@@ -11,8 +11,7 @@ choosing adapters by a Zipf law (s = 1.1, ranks shuffled). Phases, each ``--dura
 2. ``cold``: one client, first answers of cold adapters (10 and 1,000 classes), then the same adapters warm;
 3. ``all_loaded``: every adapter loaded (RSS), then the Zipf load;
 4. ``budget_10pct``: a server whose memory budget holds 10% of the adapters (its estimate), the Zipf load;
-5. ``batching``: cross-request batching off and on, all clients on one 1,000-class adapter, then Zipf;
-6. ``hot_reload``: the Zipf load while 100 adapter files are replaced (new weights and class order). Every
+5. ``hot_reload``: the Zipf load while 100 adapter files are replaced (new weights and class order). Every
    answer is checked against the version the server names, and that version against the files' history:
    written before the request ended, and not superseded earlier than the poll interval (+1 s) before it began.
 
@@ -89,11 +88,10 @@ class Oracle:
         return answer["label"] == label and abs(answer["probability"] - prob) < 1e-4
 
 
-def start_multi(folder: Path, vendor: str, log: Path, budget_mb: float = 0.0, poll_s: float = 2.0,
-                batching: bool = False) -> Proc:
+def start_multi(folder: Path, vendor: str, log: Path, budget_mb: float = 0.0, poll_s: float = 2.0) -> Proc:
     """A multi-adapter server (this file's ``--serve`` mode) once it answers ``/readyz``."""
     proc = Proc([sys.executable, __file__, "--serve", str(folder), "--vendor", vendor, "--budget-mb", str(budget_mb),
-                 "--poll-s", str(poll_s), *(["--batching"] if batching else [])], log)
+                 "--poll-s", str(poll_s)], log)
     for _ in range(600):
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(proc.url + "/readyz", timeout=5).status_code == 200:
@@ -112,7 +110,7 @@ def serve_main(args: argparse.Namespace) -> None:
 
     config = ServerConfig(adapter=args.serve, vendor_url=args.vendor, port=0, max_vendor_in_flight=64)
     app = create_app(config, adapters=args.serve, options=MultiOptions(
-        memory_budget_mb=args.budget_mb, poll_s=args.poll_s, batching=args.batching))
+        memory_budget_mb=args.budget_mb, poll_s=args.poll_s))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     print(f"serving {args.serve} at http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
@@ -230,20 +228,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict:
         multi.stop()
         print("budget", row["zipf"]["throughput_rps"], flush=True)
 
-        # 5. batching off and on
-        out["batching"] = {}
-        for on in (False, True):
-            multi = start_multi(folder, stub.url + "/", tmp / f"batch{on}.log", batching=on)
-            url = multi.url + "/v1/adapters"
-            await closed_loop(args.clients, 3, lambda i, url=url: driver.one(url, "L00", i))
-            hot = await closed_loop(args.clients, D / 2, lambda i, url=url: driver.one(url, "L00", i))
-            out["batching"]["on" if on else "off"] = {"one_hot_1000_class_adapter": hot.summary(),
-                                                      "zipf": await zipf_load(url, D / 2)}
-            multi.stop()
-        print("batching", json.dumps({k: v["one_hot_1000_class_adapter"]["throughput_rps"]
-                                      for k, v in out["batching"].items()}), flush=True)
-
-        # 6. hot reload under load
+        # 5. hot reload under load
         poll_s = 0.5
         multi = start_multi(folder, stub.url + "/", tmp / "reload.log", poll_s=poll_s)
         url = multi.url + "/v1/adapters"
@@ -310,9 +295,6 @@ def show(out: dict) -> None:
             ("1,020 adapters, all loaded", out["all_loaded"]["zipf"], out["all_loaded"]["rss_mb_after"]),
             ("budget 10%", out["budget_10pct"]["zipf"], out["budget_10pct"]["rss_mb"]),
             ("hot reload (100 files replaced)", out["hot_reload"]["zipf"], out["hot_reload"]["rss_mb"])]
-    rows += [(f"batching {k}, one hot adapter", v["one_hot_1000_class_adapter"], float("nan"))
-             for k, v in out["batching"].items()]
-    rows += [(f"batching {k}, Zipf", v["zipf"], float("nan")) for k, v in out["batching"].items()]
     for name, x, rss in rows:
         print(f"{name:34}{x['throughput_rps']:9.1f}{x['p50_ms']:9.2f}{x['p99_ms']:9.2f}{x['errors']:8d}{rss:9.1f}")
     for kind, r in out["cold_first_answer"].items():
@@ -337,7 +319,6 @@ def main() -> None:
     ap.add_argument("--vendor", help=argparse.SUPPRESS)
     ap.add_argument("--budget-mb", type=float, default=0.0, help=argparse.SUPPRESS)
     ap.add_argument("--poll-s", type=float, default=2.0, help=argparse.SUPPRESS)
-    ap.add_argument("--batching", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         serve_main(args)

@@ -40,7 +40,6 @@ class MultiOptions:
     poll_s: float = 2.0  # how often the folder is checked for new, changed and removed files
     keep_versions: int = 3  # versions per adapter kept pinnable after its file moves on
     metrics_top_n: int = 50  # adapters with their own metrics label; the rest are "other"
-    batching: bool = False  # refine same-adapter requests of one event-loop turn in one session call
 
     def __post_init__(self) -> None:
         if self.memory_budget_mb < 0 or self.poll_s <= 0 or self.keep_versions < 1 or self.metrics_top_n < 0:

@@ -13,6 +13,7 @@ beyond the budget).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import re
 import time
@@ -20,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from anyio import to_thread
 
@@ -32,6 +34,20 @@ from craft_adapter.serve.shipped import ShippedAdapter
 
 __all__ = ["AdapterStore", "Loaded", "Version", "poll_forever"]
 log = logging.getLogger(SERVER_LOGGER)
+_malloc_trim: Any = None  # None: not looked up yet; False: not glibc
+
+
+def release_freed_memory() -> None:
+    """glibc's ``malloc_trim(0)``: without it, loading and evicting sessions on worker threads left RSS near its
+    peak (a churn of 4,000 loads held 520 MB for 30 loaded adapters; trimmed, 123 MB). A no-op elsewhere."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
 
 
 @dataclass(frozen=True)
@@ -52,6 +68,7 @@ class AdapterStore(VersionTable):
         self._lru: OrderedDict[str, Loaded] = OrderedDict()  # sha256 -> loaded (event loop only)
         self._loading: dict[str, asyncio.Future[Loaded]] = {}
         self.loaded_bytes = 0
+        self._evicted = False  # since the last tick
         self.make_service: Callable[[ShippedAdapter], AdapterService] | None = None  # set once the vendor client is
 
     # -- resolving and loading (event loop) -----------------------------------------------------------------
@@ -112,6 +129,7 @@ class AdapterStore(VersionTable):
         while self.budget_bytes and self.loaded_bytes > self.budget_bytes and len(self._lru) > 1:
             _, evicted = self._lru.popitem(last=False)  # requests holding it finish on it
             self.loaded_bytes -= evicted.version.cost
+            self._evicted = True
             self.on_event("evict", "ok")
         self.on_event("load", "ok")
         log.debug("loaded %s in %.1f ms", version.ref, 1000 * (time.perf_counter() - started))
@@ -130,6 +148,13 @@ class AdapterStore(VersionTable):
                          "versions": [{"version": h.id, "loaded": h.sha256 in loaded} for h in history[name]],
                          "loaded": v.sha256 in loaded})
         return rows
+
+    def tick(self) -> None:
+        """One poll: pick up file changes, and hand memory freed by evictions back to the system."""
+        super().tick()
+        if self._evicted:
+            self._evicted = False
+            release_freed_memory()
 
     def loaded_count(self) -> int:
         """Number of versions loaded now."""

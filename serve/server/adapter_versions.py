@@ -38,11 +38,12 @@ from craft_adapter.serve.server.service import servable_problem
 SUFFIXES = (".safetensors", ".onnx")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 VERSION_CHARS = 12
-# a loaded adapter's resident memory, measured with RSS over 300 (10 classes) and 30 (1,000 classes) loads
-# (onnxruntime 1 thread, CPU): 151 KiB for a 22 KB file and 5.3 MiB for a 2.07 MB one, i.e. a fixed session
-# cost plus about 2.6 times the file (nearly all refiner weights: the ONNX model bytes and the session's copy)
-SESSION_OVERHEAD_BYTES = 96 << 10
-WEIGHT_FACTOR = 2.6
+# a loaded adapter's resident memory, measured with RSS over 300 (10 classes) and 20 (1,000 classes) loads, each
+# run once (onnxruntime 1 thread, CPU): 211 KiB for a 22 KB file and 6.5-6.7 MiB for a 2.07 MB one, i.e. a fixed
+# session cost plus about 3.3 times the file (nearly all refiner weights: the ONNX bytes, the session's copy and
+# its first run's buffers)
+SESSION_OVERHEAD_BYTES = 140 << 10
+WEIGHT_FACTOR = 3.3
 log = logging.getLogger(SERVER_LOGGER)
 
 
@@ -91,11 +92,11 @@ def check_adapter_bytes(raw: bytes, suffix: str, source: str) -> tuple[list[str]
 
 
 async def poll_forever(table: VersionTable, every_s: float) -> None:
-    """Hot reload: look for new, changed and removed adapter files every ``every_s`` seconds, until cancelled."""
+    """Hot reload: :meth:`VersionTable.tick` every ``every_s`` seconds on a worker thread, until cancelled."""
     while True:
         await asyncio.sleep(every_s)
         try:
-            await to_thread.run_sync(table.refresh)
+            await to_thread.run_sync(table.tick)
         except Exception:  # e.g. the registry is being rewritten: keep serving what is known, say why
             log.exception("adapter refresh failed; serving the versions known")
 
@@ -205,6 +206,10 @@ class VersionTable:
             self.on_event("reload", "ok")
         return True
 
+
+    def tick(self) -> None:
+        """One poll: pick up new, changed and removed files."""
+        self.refresh()
 
     def lookup(self, name: str) -> tuple[Version | None, list[Version]]:
         """The current version of ``name`` (None if it has none) and its retained versions, oldest first."""

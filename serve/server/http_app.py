@@ -233,7 +233,7 @@ def create_app(config: ServerConfig, key: Secret | None = None, adapters: str | 
             log.info("serving %s (%d classes) in front of %s", adapter.source, adapter.n_classes,
                      redact_url(config.vendor_url), extra={"fields": {"event": "startup"}})
         elif store is not None:
-            store.make_service = lambda a: AdapterService(a, client, options.batching)
+            store.make_service = lambda a: AdapterService(a, client)
             poller = asyncio.create_task(poll_forever(store, options.poll_s))
             log.info("serving %d adapters from %s in front of %s", store.known(), store.root,
                      redact_url(config.vendor_url), extra={"fields": {"event": "startup"}})

@@ -4,9 +4,6 @@ A batch's vendor calls run concurrently (within the client's bound on calls in f
 fails, the whole request fails and the other calls are cancelled: no answer is ever built from part of a
 batch, or from a reply the client rejected. Each call carries this adapter's labels and template, so one
 vendor client serves any number of adapters.
-
-With ``batching``, the refinements of all requests for this adapter whose vendor scores arrive in the same
-event-loop turn run as one batched session call (no timer, so no added wait).
 """
 
 from __future__ import annotations
@@ -52,11 +49,10 @@ class Classified:
 class AdapterService:
     """Scores images at the vendor with the learned prompt and refines them; holds no per-request state."""
 
-    def __init__(self, adapter: ShippedAdapter, client: ZeroShotVendorClient, batching: bool = False) -> None:
+    def __init__(self, adapter: ShippedAdapter, client: ZeroShotVendorClient) -> None:
         check_servable(adapter)
         self.adapter, self.client = adapter, client
         self.index = {name: i for i, name in enumerate(adapter.class_names)}
-        self._batcher = RefineBatcher(adapter) if batching else None
 
     @property
     def class_names(self) -> list[str]:
@@ -77,45 +73,8 @@ class AdapterService:
                 raise failures.exceptions[0] from None
             rows = [t.result() for t in tasks]
         scores = np.stack(rows)  # [n, c], each row checked complete and finite by the client
-        if self._batcher is not None:
-            probabilities = await self._batcher.refine(scores)
-        else:
-            _, probabilities = self.adapter.refine(scores)
+        _, probabilities = self.adapter.refine(scores)
         return Classified(np.asarray(probabilities), scores)
-
-
-class RefineBatcher:
-    """Runs the refinements queued in one event-loop turn as one session call, and splits the answer."""
-
-    def __init__(self, adapter: ShippedAdapter) -> None:
-        self.adapter = adapter
-        self._queue: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = []
-        self.calls = self.rows = 0  # session calls made and rows refined, to see how much was batched
-
-    def refine(self, scores: np.ndarray) -> asyncio.Future[np.ndarray]:
-        """A future for the probabilities ``[n, c]`` of ``scores`` ``[n, c]``."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[np.ndarray] = loop.create_future()
-        self._queue.append((scores, future))
-        if len(self._queue) == 1:
-            loop.call_soon(self._flush)  # after every callback already ready in this turn
-        return future
-
-    def _flush(self) -> None:
-        queue, self._queue = self._queue, []
-        self.calls, self.rows = self.calls + 1, self.rows + sum(len(s) for s, _ in queue)
-        try:
-            _, probabilities = self.adapter.refine(np.concatenate([s for s, _ in queue]))
-        except Exception as e:  # noqa: BLE001 (every waiting request gets the session's failure)
-            for _, future in queue:
-                if not future.done():
-                    future.set_exception(e)
-            return
-        start = 0
-        for scores, future in queue:
-            if not future.done():  # its request may have been cancelled meanwhile
-                future.set_result(probabilities[start:start + len(scores)])
-            start += len(scores)
 
 
 def top_answer(names: list[str], probabilities: np.ndarray, vendor_scores: np.ndarray | None,

@@ -260,19 +260,6 @@ def test_per_adapter_metrics_have_bounded_labels(folder, stub: StubVendor) -> No
     assert "craft_adapter_adapters_known 4" in text and "craft_adapter_adapters_loaded 4" in text
 
 
-def test_batching_across_requests_answers_each_request_its_own(folder, stub: StubVendor) -> None:
-    path, adapters = folder
-    srv = serve(path, stub, batching=True)
-    try:
-        images = [png(100 + i) for i in range(24)]
-        with ThreadPoolExecutor(12) as pool:
-            answers = list(pool.map(lambda im: classify(srv.url, "big", im).json(), images))
-        for image, answer in zip(images, answers, strict=True):
-            check(answer, adapters["big"], image)
-    finally:
-        srv.stop()
-
-
 def test_a_registry_file_names_adapters_anywhere_and_bad_ones_are_refused(tmp_path: Path, stub: StubVendor,
                                                                           capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "models").mkdir()
