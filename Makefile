@@ -1,12 +1,14 @@
 # craft-adapter: `make demo` runs the reference job end to end, `make test` runs the tests.
 # Both work from nothing on a Debian machine where you are root (apt installs Fashion-MNIST).
+# `make install-check` (CI) builds the wheel and installs it, from the registry, into one fresh venv per install
+# kind (runtime, server, fit), then runs each kind's smoke path.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 VENDOR := craft_adapter/reference/vendor/open_clip_model.safetensors
 
-.PHONY: demo test lint setup data vendor clean
+.PHONY: demo test install-check lint setup data vendor clean
 
 demo: setup data vendor
 	$(BIN)/craft-adapter demo
@@ -14,6 +16,9 @@ demo: setup data vendor
 test: setup data
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+
+install-check: setup data
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m install tests/install
 
 lint: setup
 	$(BIN)/ruff check .
@@ -25,7 +30,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, from the pinned versions (on these machines they come from local disk)
 	$(BIN)/pip install -q -c constraints.txt torch torchvision
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# one onnxruntime build only: the CPU and GPU builds write the same files (a venv from an older setup had the GPU one)
+	$(BIN)/pip uninstall -q -y onnxruntime-gpu 2>/dev/null || true
+	# the development venv is every install kind at once: runtime, server, fit, plus the dev tools
+	$(BIN)/pip install -q -c constraints.txt -e '.[all,dev]'
 	touch $(STAMP)
 
 data:

@@ -3,6 +3,11 @@
 onnxruntime-gpu logs an error when asked for CUDA on a machine without a GPU or without the CUDA libraries.
 So CUDA is tried only when onnxruntime was built with it and a driver reports a device, and that first try
 runs with onnxruntime's logger silenced. Whether it worked is remembered for the process.
+
+The CPU build (``onnxruntime``) and the GPU build (``onnxruntime-gpu``) are two distributions that write the same
+``onnxruntime/`` folder: with both installed, whichever came last wins, and uninstalling either breaks the other.
+pip cannot express "instead of", so the first session of a process checks the installed distributions and warns
+with the fix (:class:`OnnxruntimeConflictWarning`); the library never prints.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import ctypes
 import io
 import os
 import sys
+import warnings
 from collections.abc import Iterator
+from importlib import metadata
 
 import onnxruntime as ort
 
@@ -21,6 +28,45 @@ CUDA = "CUDAExecutionProvider"
 _ORT_DEFAULT_SEVERITY = 2  # warning, onnxruntime's own default
 _QUIET = 4  # fatal only
 _cuda_works: bool | None = None  # None: not tried yet in this process
+_install_checked = False
+# distributions that each install the onnxruntime package; more than one in a process's environment is a conflict
+ONNXRUNTIME_BUILDS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
+                      "onnxruntime-qnn")
+
+
+class OnnxruntimeConflictWarning(RuntimeWarning):
+    """More than one onnxruntime build is installed; they overwrite each other's files."""
+
+
+def onnxruntime_builds() -> list[str]:
+    """The onnxruntime distributions installed here, as ``name==version``."""
+    found = []
+    for name in ONNXRUNTIME_BUILDS:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found.append(f"{name}=={metadata.version(name)}")
+    return found
+
+
+def onnxruntime_conflict() -> str | None:
+    """A message naming the fix if more than one onnxruntime build is installed, else None."""
+    builds = onnxruntime_builds()
+    if len(builds) < 2:
+        return None
+    names = " ".join(b.split("==")[0] for b in builds)
+    return (f"{' and '.join(builds)} are all installed; they write the same onnxruntime/ folder, so the last one "
+            "installed wins and uninstalling either breaks the other. Keep exactly one: "
+            f"pip uninstall -y {names} && pip install onnxruntime-gpu (GPU) or pip install onnxruntime (CPU only)")
+
+
+def check_onnxruntime_install() -> None:
+    """Warn once per process (:class:`OnnxruntimeConflictWarning`) if two onnxruntime builds are installed."""
+    global _install_checked
+    if _install_checked:
+        return
+    _install_checked = True
+    message = onnxruntime_conflict()
+    if message is not None:
+        warnings.warn(message, OnnxruntimeConflictWarning, stacklevel=3)
 
 
 def _cuda_device_present() -> bool:
@@ -82,6 +128,7 @@ def make_session(model: bytes | str, device: str = "auto") -> ort.InferenceSessi
     """A session for ONNX ``model`` (bytes or a path): ``auto`` (CUDA if it really loads), ``cpu`` or ``cuda``."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    check_onnxruntime_install()
     if device != "cpu" and cuda_candidate():
         session = _try_cuda(model)
         if session is not None:

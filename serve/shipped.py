@@ -2,8 +2,10 @@
 
 Both files a user can ship load here. An exported ``.onnx`` carries the adapter's metadata in its
 ``metadata_props`` and needs only onnxruntime; it is verified to be exactly the exported refiner graph
-(:mod:`.onnx_check`) before onnxruntime reads those same bytes. A ``.safetensors`` adapter is built into the
-same ONNX graph in memory (``onnx.helper``, no torch), so both run on the same engine with the same numerics.
+(:mod:`.onnx_check`) before onnxruntime reads those same bytes. A ``.safetensors`` adapter is written into the
+same ONNX graph in memory (:func:`~craft_adapter.artifact.onnx_graph.build_refiner_onnx`: protobuf bytes written
+directly, no ``onnx`` package, no torch), so both run on the same engine with the same numerics. onnxruntime stays
+the engine because it measured faster than numpy for this refiner (``benchmarks/refiner_engine.py``).
 """
 
 from __future__ import annotations
