@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,10 @@ import pytest
 from PIL import Image
 
 from craft_adapter.reference.task import REFERENCE_VENDOR_DIR
+
+# Before any test imports torch: idle OpenMP workers sleep instead of spinning (the fits a test runs in this
+# process would otherwise be several times slower on a small CPU quota; fit_adapter does the same for users).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 TINY_CFG = {
     "embed_dim": 32,

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from craft_adapter.cli.shared import (
     DEFAULT_MODEL,
+    EXIT_VENDOR,
     DataOpt,
     DeviceOpt,
     ModelOpt,
@@ -31,7 +32,6 @@ from craft_adapter.cli.shared import (
 from craft_adapter.reference.task import HAND_TEMPLATE
 
 VENDOR = "Through a vendor (what ships)"
-EXIT_VENDOR = 3  # the vendor failed: the same meaning as fit's
 
 
 def eval_cmd(

@@ -127,11 +127,6 @@ class FitConfig:
         return TEXT_DEFAULT_BUDGET if self.prompt == "text" else default_budget(self.shots)
 
     @property
-    def query_budget(self) -> int:
-        """The older name of :attr:`resolved_budget` (in vendor calls in text mode, despite the name)."""
-        return self.resolved_budget
-
-    @property
     def budget_unit(self) -> str:
         """Queries in soft mode; vendor calls in text mode, where a string-only vendor bills per call."""
         return "vendor_calls" if self.prompt == "text" else "queries"
@@ -183,5 +178,3 @@ def operational_settings() -> frozenset[str]:
     """The settings that change how fast a fit runs or how hard it tries, never what it finds (from the metadata)."""
     return frozenset(f.name for f in fields(FitConfig) if f.metadata["group"] == "operational")
 
-
-OPERATIONAL = operational_settings()  # the same names, for importers of the older constant (training/resume.py)

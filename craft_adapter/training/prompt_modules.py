@@ -55,7 +55,7 @@ class FixedModule:
 
     def __init__(self, box: BlackBox, cfg: FitConfig) -> None:
         self.prompt = box.soft_prompt_init(cfg.init_prompt) if cfg.prompt == "soft" else cfg.template
-        self.max_generations = max(1, cfg.query_budget // cfg.popsize)  # as many refiner epochs as CraFT gets
+        self.max_generations = max(1, cfg.resolved_budget // cfg.popsize)  # as many refiner epochs as CraFT gets
         self._memo: dict[int, np.ndarray] = {}
 
     def propose(self) -> list:

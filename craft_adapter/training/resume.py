@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from craft_adapter.blackbox.query_cache import digest, image_key
-from craft_adapter.training.config import OPERATIONAL
+from craft_adapter.training.config import operational_settings
 
 MANIFEST_VERSION = 1
 
@@ -75,8 +75,8 @@ class FitRun:
     def conflicts(self, config: Mapping[str, Any], backend: Mapping[str, Any], train: str) -> list[str]:
         """How a resumed fit would differ from the one started (empty when it may resume)."""
         found = [f"{k} is {config.get(k)!r}, the fit was started with {v!r}"
-                 for k, v in sorted(self.config.items()) if k not in OPERATIONAL and config.get(k) != v]
-        found += [f"setting {k} is new" for k in sorted(set(config) - set(self.config) - set(OPERATIONAL))]
+                 for k, v in sorted(self.config.items()) if k not in operational_settings() and config.get(k) != v]
+        found += [f"setting {k} is new" for k in sorted(set(config) - set(self.config) - set(operational_settings()))]
         if dict(backend) != self.backend:
             found.append(f"the backend is {dict(backend)}, the fit was started against {self.backend}")
         if train != self.train:

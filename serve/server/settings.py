@@ -15,9 +15,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import urlsplit
 
-from craft_adapter.vendors.credentials import DEFAULT_KEY_ENV, Secret, read_key, redact_url
+from craft_adapter.vendors.credentials import DEFAULT_KEY_ENV, Secret, check_vendor_url, read_key
 
 ENV_PREFIX = "CRAFT_SERVE_"
 
@@ -66,11 +65,7 @@ class ServerConfig:
     access_log: bool = setting(True, "One JSON log line per request.")
 
     def __post_init__(self) -> None:
-        url = urlsplit(self.vendor_url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"vendor URL must be http(s)://host[:port]/path, got {redact_url(self.vendor_url)!r}")
-        if url.username or url.password:
-            raise ValueError("put the vendor key in an environment variable or a file, not in the vendor URL")
+        check_vendor_url(self.vendor_url)
         positive = ("vendor_timeout_s", "request_timeout_s", "backoff_max_s", "max_vendor_in_flight",
                     "max_requests_in_flight", "max_body_bytes", "max_batch", "max_image_pixels", "top_k", "workers")
         for name in positive:

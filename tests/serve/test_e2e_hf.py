@@ -18,10 +18,9 @@ from craft_adapter.blackbox.box import BlackBox
 from craft_adapter.blackbox.meter import QueryMeter
 from craft_adapter.reference.local_vendor import make_vendor_server, serve_in_thread
 from craft_adapter.reference.task import reference_task
+from craft_adapter.training.api import fit_adapter
 from craft_adapter.training.config import FitConfig
 from craft_adapter.training.evaluate import accuracy, adapted_scores
-from craft_adapter.training.image_sets import split_holdout
-from craft_adapter.training.loop import fit
 from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
 # isort: split
@@ -89,13 +88,10 @@ def test_fit_through_hf_export_and_serve_without_torch(vendor_url, torch_free_py
     backend = HfInferenceVendor(InferenceClient(model=vendor_url))
     cfg = FitConfig(shots=8, seed=1, budget=8000, prompt="text", train_prompt=False)
     train, test = reference_task(cfg.shots, cfg.seed)
-    tr, ho = split_holdout(train.labels, cfg.n_holdout, cfg.seed)
-    meter = QueryMeter(cfg.query_budget, cfg.budget_unit)
-    box = BlackBox(backend, [train.images[i] for i in tr], train.class_names, meter)
-    hold = BlackBox(backend, [train.images[i] for i in ho], train.class_names, meter)
-    adapter = fit(box, hold, train.labels[tr], train.labels[ho], cfg).adapter
+    outcome = fit_adapter(train, backend, cfg)
+    adapter = outcome.adapter
     assert adapter.mode == "text" and adapter.logit_kind == "probabilities"
-    assert meter.vendor_calls == len(train)  # each few-shot image scored once with the fixed template
+    assert outcome.record.meter["vendor_calls"] == len(train)  # each few-shot image scored once with the template
     adapter_path = adapter.save(tmp_path / "adapter.safetensors")
 
     # 2. export the refiner
