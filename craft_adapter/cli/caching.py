@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from craft_adapter.cli.shared import err, fail, out
+from craft_adapter.cli.shared import err, fail, out, shown
 
 if TYPE_CHECKING:
     from craft_adapter.blackbox.query_cache import QueryCache
@@ -59,13 +59,14 @@ def stats_cmd(path: CacheArg, as_json: Annotated[bool, typer.Option("--json", he
     if as_json:
         out.print_json(json.dumps(s))
         return
-    table = Table(title=f"{path}: {s['entries']} answers, {s['disk_bytes'] / 1e6:.1f} MB on disk")
+    table = Table(title=f"{shown(path)}: {s['entries']} answers, {s['disk_bytes'] / 1e6:.1f} MB on disk")
     for col in ("backend", "identity", "kind", "answers", "MB", "oldest (UTC)", "newest (UTC)"):
         table.add_column(col, overflow="fold")
     for g in s["groups"]:
         ident = g["identity"] or {}
         who = " ".join(str(v) for k, v in sorted(ident.items()) if k in ("name", "model", "url"))
-        table.add_row(g["backend"][:12], who, g["kind"], str(g["entries"]), f"{g['value_bytes'] / 1e6:.2f}",
+        table.add_row(shown(g["backend"][:12]), shown(who), shown(g["kind"]), str(g["entries"]),
+                      f"{g['value_bytes'] / 1e6:.2f}",
                       _when(g["oldest"]), _when(g["newest"]))
     out.print(table)
 

@@ -28,6 +28,7 @@ from craft_adapter.cli.shared import (
     load_backend,
     load_test_set,
     out,
+    shown,
 )
 from craft_adapter.reference.task import HAND_TEMPLATE
 
@@ -178,17 +179,17 @@ def _calls(client: Any) -> dict:
 
 def _show(result: dict) -> None:
     out.print(f"zero-shot accuracy: [bold]{100 * result['zero_shot_accuracy']:.2f}%[/] "
-              f"with {result['template']!r}")
+              f"with {shown(repr(result['template']))}")
     if "adapted_accuracy" in result:
         out.print(f"prompt-only accuracy: {100 * result['prompt_only_accuracy']:.2f}%")
         out.print(f"adapted accuracy:   [bold green]{100 * result['adapted_accuracy']:.2f}%[/]")
         per_class = ", ".join(f"{name} {'n/a' if acc is None else f'{100 * acc:.1f}%'}"
                               for name, acc in result["per_class_accuracy"].items())
-        out.print(f"per class: {per_class}", highlight=False)
+        out.print(f"per class: {shown(per_class)}", highlight=False)
     calls = f", {result['vendor_calls']} vendor calls" if "vendor_calls" in result else ""
     queries = f", {result['queries']} queries" if "queries" in result else ""
     out.print(f"{result['n_images']} images{queries}{calls}, scored by {result['scored_by']} "
-              f"{result['backend'].get('name', '')}", highlight=False)
+              f"{shown(result['backend'].get('name', ''))}", highlight=False)
 
 
 def _plot(result: dict, path: Path) -> None:
@@ -234,18 +235,20 @@ def inspect_cmd(
     if as_json:
         out.print_json(json.dumps(meta))
         return
-    t = Table(title=str(adapter), show_header=False)
+    t = Table(title=shown(adapter), show_header=False)
     t.add_row("format version", str(a.format_version))
-    t.add_row("mode", a.mode)
-    t.add_row("classes", f"{a.n_classes}: " + ", ".join(a.class_names))
-    t.add_row("prompt template", a.template)
+    t.add_row("mode", shown(a.mode))
+    t.add_row("classes", f"{a.n_classes}: " + shown(", ".join(a.class_names)))
+    t.add_row("prompt template", shown(a.template))
     if a.ctx is not None:
-        t.add_row("learned context", f"{a.ctx.shape[0]} vectors x {a.ctx.shape[1]}, reads as {a.prompt_reading!r}")
-    t.add_row("logits", f"{a.logit_kind} (scale {a.logit_scale:.4g}); refiner input: {meta['logits']['refiner_input']}")
+        reading = shown(repr(a.prompt_reading))
+        t.add_row("learned context", f"{a.ctx.shape[0]} vectors x {a.ctx.shape[1]}, reads as {reading}")
+    t.add_row("logits", shown(f"{a.logit_kind} (scale {a.logit_scale:.4g}); refiner input: "
+                              f"{meta['logits']['refiner_input']}"))
     t.add_row("refiner", f"residual MLP {a.n_classes} -> {a.hidden} -> {a.n_classes}")
-    t.add_row("backend", json.dumps(a.backend))
+    t.add_row("backend", shown(json.dumps(a.backend)))
     fit = {k: v for k, v in a.fit.items() if k != "config"}
-    t.add_row("fit", json.dumps(fit))
+    t.add_row("fit", shown(json.dumps(fit)))
     t.add_row("file size", f"{adapter.stat().st_size} bytes")
     out.print(t)
 

@@ -4,6 +4,7 @@ settings dataclass, and loaders with clean errors."""
 from __future__ import annotations
 
 import inspect
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from craft_adapter.reference.task import REFERENCE_VENDOR_DIR
 from craft_adapter.training.api import use_passive_omp_wait
@@ -43,9 +45,20 @@ DataOpt = Annotated[Path | None, typer.Option(
     "--data", help="Image folder, root/<class name>/*.png|jpg. Default: the reference task.")]
 
 
+# C0 and C1 controls but tab and newline, and the bidi overrides that reorder what a terminal shows
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(text: object) -> str:
+    """Untrusted text (class names, templates, vendor replies, paths) made safe to print with rich: control
+    characters become visible escapes (no terminal sequences, no hyperlinks) and ``[...]`` is not markup."""
+    visible = _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+    return escape(visible)
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print ``message`` as an error and return the exit to raise."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print ``message`` as an error (as plain text: it may quote untrusted input) and return the exit to raise."""
+    err.print(f"[bold red]error:[/] {shown(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

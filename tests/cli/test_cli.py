@@ -141,3 +141,29 @@ def test_bad_prompt_and_step_scale_are_clean_errors(tmp_path):
     assert r.exit_code == 2 and "--prompt must be auto, soft or text" in r.output
     r = invoke("fit", "-o", tmp_path / "a.safetensors", "--step-scale", "huge")
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+HOSTILE_NAMES = ["[red]cat", "[link=http://evil.example]dog[/link]", "\x1b[2Jwipe", "bell\x07", "[/]", "rtl\u202eevil"]
+
+
+def test_inspect_shows_hostile_class_names_as_text(tmp_path) -> None:
+    from craft_adapter.artifact.adapter_file import Adapter
+    from craft_adapter.artifact.synthetic import synthetic_adapter
+
+    a = synthetic_adapter(len(HOSTILE_NAMES))
+    path = Adapter(HOSTILE_NAMES, "[bold]{}[/] \x1b]8;;http://x\x1b\\", a.mode, a.logit_kind, a.logit_scale,
+                   a.refiner).save(tmp_path / "hostile.safetensors")
+    result = CliRunner().invoke(app, ["inspect", str(path)], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    text = result.output
+    for shown_as in ("[red]cat", "[link=http://evil.example]dog[/link]", "\\x1b[2Jwipe", "bell\\x07", "[/]",
+                     "rtl\\u202eevil", "[bold]{}[/]"):
+        assert shown_as in text
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
+
+
+def test_an_error_quoting_markup_is_printed_not_parsed(tmp_path) -> None:
+    data = tmp_path / "d"
+    (data / "[bold]cat").mkdir(parents=True)  # a class folder with no images: the error message quotes its name
+    result = CliRunner().invoke(app, ["fit", "--data", str(data), "-o", str(tmp_path / "a.safetensors")])
+    assert result.exit_code == 2 and "[bold]cat" in result.output and "Traceback" not in result.output
