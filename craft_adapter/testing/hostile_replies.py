@@ -80,7 +80,7 @@ def echo_form(key: str, encoding: str, query: str = "") -> str:
 def send_echo(handler: BaseHTTPRequestHandler, encoding: str, pad: int) -> None:
     """A 401 whose body is ``pad`` filler characters, then the caller's key in ``encoding``, then more text."""
     auth = handler.headers.get("Authorization", "")
-    key = auth.split(None, 1)[-1]
+    key = auth.split(None, 1)[-1] if auth.strip() else ""
     echoed = echo_form(key, encoding, urlsplit(handler.path).query)
     body = ("x" * pad + echoed + " was refused").encode()
     _head(handler, 401, {"Content-Type": "text/plain", "Content-Length": str(len(body))})
