@@ -34,7 +34,6 @@ from craft_adapter.cli.shared import (
 from craft_adapter.training.config import FitConfig
 
 if TYPE_CHECKING:
-    from craft_adapter.serve import HttpZeroShotVendor
     from craft_adapter.vendors.credentials import Secret
 
 HP = "Hyperparameters (decide the adapter)"
@@ -49,21 +48,23 @@ def setting_options() -> list[inspect.Parameter]:
     return list(params.values())
 
 
-def load_vendor(url: str, key: Secret | None = None, header: str = "Authorization", scheme: str = "Bearer",
-                timeout: float = 60.0) -> HttpZeroShotVendor:
-    """A remote Hugging Face zero-shot endpoint as a (string-only) fit backend; the key goes in a header only."""
-    from urllib.parse import urlsplit
+def load_vendor(opts: dict, key: Secret | None, timeout: float) -> Any:
+    """The fit's vendor, made by the registry from ``--vendor``, ``--protocol`` and ``--vendor-model`` (the URL is
+    checked there); ``--auth-header``/``--auth-scheme`` go to ``hf-zero-shot``, the one protocol that takes them."""
+    from craft_adapter.vendors.registry import BUILTIN, make_vendor
 
-    from craft_adapter.serve import HttpZeroShotVendor
-    from craft_adapter.vendors.credentials import auth_headers, redact_url
-
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise fail(f"--vendor must be an http(s) URL, got {redact_url(url)!r}")
-    if parts.username or parts.password:
-        raise fail("put the vendor key in an environment variable (--key-env) or a file (--key-file), not in the "
-                   "--vendor URL")
-    return HttpZeroShotVendor(url, headers=auth_headers(key, header, scheme), timeout=timeout)
+    protocol, options = opts["protocol"], {}
+    if protocol == "hf-zero-shot":
+        options = {"auth_header": opts["auth_header"], "auth_scheme": opts["auth_scheme"]}
+    elif (opts["auth_header"], opts["auth_scheme"]) != ("Authorization", "Bearer"):
+        raise fail(f"--auth-header and --auth-scheme are for --protocol hf-zero-shot; {protocol} sends its key as "
+                   "its API documents")
+    if protocol in BUILTIN:  # a plug-in's factory may take no timeout
+        options["timeout"] = timeout
+    try:
+        return make_vendor(protocol, opts["vendor"], key=key, model=opts["vendor_model"], **options)
+    except ValueError as e:  # a bad URL, an unknown protocol, settings it does not take
+        raise fail(f"--vendor: {e}") from None
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -96,8 +97,8 @@ def _vendor_key(opts: dict) -> Secret | None:
 
 
 # How a fit was invoked, kept in its manifest so that ``fit -o ADAPTER --resume`` needs nothing else.
-INVOCATION = ("data", "model", "weights", "vendor", "cache", "key_env", "key_file", "auth_header", "auth_scheme",
-              "price_per_1k")
+INVOCATION = ("data", "model", "weights", "vendor", "protocol", "vendor_model", "cache", "key_env", "key_file",
+              "auth_header", "auth_scheme", "price_per_1k")
 
 
 def _invocation(opts: dict) -> dict:
@@ -130,8 +131,12 @@ def fit_cmd(
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
     vendor: Annotated[str | None, typer.Option(
-        help="URL of a Hugging Face zero-shot-image-classification endpoint to fit against, instead of an "
-        "in-process model (string-only: text mode).")] = None,
+        help="URL of a vendor API to fit against (see --protocol), instead of an in-process model (string-only: "
+        "text mode).")] = None,
+    protocol: Annotated[str, typer.Option(
+        help="The --vendor's protocol: hf-zero-shot, openai-embeddings (Infinity), cohere, voyage, embedding-api, "
+        "or a plug-in's name.")] = "hf-zero-shot",
+    vendor_model: Annotated[str | None, typer.Option(help="Model name the --vendor API is asked for.")] = None,
     price_per_1k: Annotated[float | None, typer.Option(help="Price per 1,000 vendor calls, for the estimate.")]
     = None,
     config: Annotated[Path | None, typer.Option(help="JSON or TOML file of hyperparameters; "
@@ -180,8 +185,8 @@ def fit_cmd(
         key = _vendor_key(opts) if opts["vendor"] else None
     except ValueError as e:
         raise fail(str(e)) from None
-    backend = (load_vendor(opts["vendor"], key, opts["auth_header"], opts["auth_scheme"], cfg.timeout)
-               if opts["vendor"] else load_backend(opts["model"], opts["weights"], device))
+    backend = load_vendor(opts, key, cfg.timeout) if opts["vendor"] else load_backend(opts["model"], opts["weights"],
+                                                                                        device)
     if auto and not backend.capabilities.soft_prompts:
         cfg = replace(cfg, prompt="text")
     cache_path = opts["cache"] or output.parent / "craft-adapter-cache.sqlite"

@@ -126,9 +126,38 @@ def metered_boxes(backend: EmbeddingBackend | ScoringBackend, train: LabeledImag
     policy = RetryPolicy(cfg.retries, cfg.retry_backoff, max_failed_calls=cfg.failure_cap)
     kw: dict[str, Any] = {"concurrency": cfg.concurrency, "rate_limit": cfg.rate_limit, "cache": cache,
                           "retry": policy}
+    kw["text_answers"] = {}  # one backend, the same class texts: the hold-out box never pays for them again
     box = BlackBox(backend, [train.images[i] for i in tr], train.class_names, meter, **kw)
     hold = BlackBox(backend, [train.images[i] for i in ho], train.class_names, meter, **kw) if len(ho) else None
     return box, hold, train.labels[tr], train.labels[ho]
+
+
+def choose_temperature(box: BlackBox, hold: BlackBox | None, labels: np.ndarray, template: str) -> float | None:
+    """For a backend that publishes no logit scale (an embedding API): the scale minimising the zero-shot
+    cross-entropy of ``template`` on the training shots, set on both boxes; paid for once and counted. Else None.
+
+    The hand template's class texts are the text search's first candidate, so the first generation reuses them.
+    """
+    from craft_adapter.training.temperature import choose_logit_scale
+
+    if not box.needs_logit_scale:
+        return None
+    scale = choose_logit_scale(box.cosines_text(template), labels)
+    for b in (box, hold):
+        if b is not None:
+            b.use_logit_scale(scale)
+    return scale
+
+
+def vendor_from_url(url: str, protocol: str = "hf-zero-shot", model: str | None = None,
+                    timeout: float = 60.0) -> EmbeddingBackend | ScoringBackend:
+    """The vendor ``protocol`` at ``url`` (keyless), made by the registry; :class:`SettingsError` if it cannot be."""
+    from craft_adapter.vendors.registry import make_vendor
+
+    try:
+        return make_vendor(protocol, url, model=model, timeout=timeout)
+    except ValueError as e:  # a bad URL, an unknown protocol, settings it does not take
+        raise SettingsError(str(e)) from e
 
 
 def fit_adapter(data: str | Path | LabeledImages | Sequence[Image.Image],
@@ -136,18 +165,21 @@ def fit_adapter(data: str | Path | LabeledImages | Sequence[Image.Image],
                 labels: Sequence[int] | np.ndarray | None = None, class_names: Sequence[str] | None = None,
                 cache: QueryCache | None = None, resume: FitRun | None = None, output: str | Path | None = None,
                 on_progress: Callable[[FitState], None] | None = None, price_per_1k: float | None = None,
-                invocation: Mapping[str, Any] | None = None) -> FitOutcome:
+                invocation: Mapping[str, Any] | None = None, protocol: str = "hf-zero-shot") -> FitOutcome:
     """Fit a CraFT adapter (prompt + refiner) for few-shot ``data`` against a black-box backend.
 
     ``data`` is an image folder (``root/<class name>/*.png``), a :class:`LabeledImages`, or a list of PIL images
     with ``labels`` and ``class_names``; ``config.shots`` per class are drawn by ``config.seed``.
-    ``backend_or_vendor`` is a backend (e.g. ``OpenClipBackend``, ``HttpZeroShotVendor``) or the URL of a
-    Hugging Face zero-shot endpoint. With ``cache`` (a ``QueryCache``), answers are looked up there and every
-    paid one is stored first. With ``output``, a manifest is written beside it when the fit starts, and the
-    adapter, ``<output>.fitlog.json`` and the finished manifest when it ends; ``invocation`` (no secrets) goes in
-    the manifest. ``resume`` (a manifest read back) must match this fit, else :class:`ResumeConflict`.
-    ``on_progress`` is called after every generation. Errors: :class:`SettingsError`, :class:`VendorStopped`,
-    :class:`CacheFailed`, :class:`ResumeConflict`.
+    ``backend_or_vendor`` is a backend (e.g. ``OpenClipBackend``, a vendor from ``make_vendor``) or a vendor URL,
+    spoken to in ``protocol`` (default ``hf-zero-shot``; see :mod:`craft_adapter.vendors.registry`; a vendor that
+    needs a key is made with ``make_vendor`` and passed in). A backend that publishes no logit scale (an embedding
+    API) gets one chosen from the few-shot data before the search (:func:`choose_temperature`), recorded as the
+    adapter's ``logit_scale`` with ``fit["logit_scale_source"] = "fitted"``. With ``cache`` (a ``QueryCache``),
+    answers are looked up there and every paid one is stored first. With ``output``, a manifest is written beside
+    it when the fit starts, and the adapter, ``<output>.fitlog.json`` and the finished manifest when it ends;
+    ``invocation`` (no secrets) goes in the manifest. ``resume`` (a manifest read back) must match this fit, else
+    :class:`ResumeConflict`. ``on_progress`` is called after every generation. Errors: :class:`SettingsError`,
+    :class:`VendorStopped`, :class:`CacheFailed`, :class:`ResumeConflict`.
     """
     cfg = config if config is not None else FitConfig()
     use_passive_omp_wait()
@@ -160,9 +192,7 @@ def fit_adapter(data: str | Path | LabeledImages | Sequence[Image.Image],
 
     backend = backend_or_vendor
     if isinstance(backend, str):
-        from craft_adapter.vendors.http_clients import HttpZeroShotVendor
-
-        backend = HttpZeroShotVendor(backend, timeout=cfg.timeout)
+        backend = vendor_from_url(backend, protocol, timeout=cfg.timeout)
     train = few_shot_set(data, cfg, labels, class_names)
     try:
         box, hold, y_train, y_hold = metered_boxes(backend, train, cfg, cache)
@@ -177,6 +207,7 @@ def fit_adapter(data: str | Path | LabeledImages | Sequence[Image.Image],
     if output is not None:
         job.start(Path(output), run)
     try:
+        scale = choose_temperature(box, hold, y_train, cfg.template)
         result = fit(box, hold, y_train, y_hold if hold else None, cfg, on_generation=on_progress)
     except VendorUnavailable as e:
         raise VendorStopped(str(e)) from e
@@ -184,6 +215,8 @@ def fit_adapter(data: str | Path | LabeledImages | Sequence[Image.Image],
         raise CacheFailed(str(e)) from e
     except (BudgetExhausted, ValueError, NotImplementedError, TypeError) as e:
         raise SettingsError(str(e)) from e
+    if scale is not None:
+        result.adapter.fit["logit_scale_source"] = "fitted"  # chosen from the few-shot data, not the vendor's
     if price_per_1k is not None:
         result.adapter.fit["estimated_price"] = round(result.meter["vendor_calls"] / 1000 * price_per_1k, 4)
         result.adapter.fit["price_per_1k_calls"] = price_per_1k

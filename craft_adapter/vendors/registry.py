@@ -15,6 +15,7 @@ Protocols come from three places, looked up in this order:
    without forking: ``[project.entry-points."craft_adapter.vendors"] my-api = "my_pkg:make_vendor"``.
 
 A name is taken once: a registration or entry point that reuses a name is refused, never silently preferred.
+Every URL is checked in :func:`make_vendor` before any factory sees it, so a plug-in cannot skip the check.
 Torch-free, so the runtime and the server use it.
 """
 
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
-from craft_adapter.vendors.credentials import Secret, auth_headers
+from craft_adapter.vendors.credentials import Secret, auth_headers, check_vendor_url
 from craft_adapter.vendors.protocols import EmbeddingBackend, ScoringBackend
 
 ENTRY_POINT_GROUP = "craft_adapter.vendors"
@@ -110,7 +111,13 @@ def _factory(protocol: str) -> VendorFactory:
 
 def make_vendor(protocol: str, url: str | None, *, key: Secret | str | None = None, model: str | None = None,
                 **options: Any) -> Any:
-    """The vendor for ``protocol`` at ``url``: what fit, eval, the runtime and serve all call."""
+    """The vendor for ``protocol`` at ``url``: what fit, eval, the runtime and serve all call.
+
+    Every URL is checked here, once for all protocols (:func:`~craft_adapter.vendors.credentials.check_vendor_url`:
+    ``http(s)://host...``, no credentials in it); ``None`` leaves the protocol its own default URL.
+    """
+    if url is not None:
+        check_vendor_url(url)  # ValueError, as a registry refusal is
     factory = _factory(protocol)
     key = Secret(key) if isinstance(key, str) else key
     try:
