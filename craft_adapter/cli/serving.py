@@ -22,12 +22,14 @@ ENV = "CRAFT_SERVE_"
 FLAGS = {"vendor_url": "--vendor", "vendor_timeout_s": "--vendor-timeout", "request_timeout_s": "--request-timeout",
          "vendor_retries": "--retries", "backoff_base_s": "--backoff", "backoff_max_s": "--backoff-max",
          "vendor_key_env": "--key-env", "vendor_key_file": "--key-file", "vendor_auth_header": "--auth-header",
-         "vendor_auth_scheme": "--auth-scheme", "graceful_timeout_s": "--graceful-timeout"}
-PANELS = {"vendor": "The vendor behind the server", "limits": "Limits per worker"}
+         "vendor_auth_scheme": "--auth-scheme", "graceful_timeout_s": "--graceful-timeout",
+         "adapters_poll_s": "--adapters-poll", "adapters_keep_versions": "--keep-versions"}
+PANELS = {"vendor": "The vendor behind the server", "limits": "Limits per worker",
+          "adapters": "Many adapters (--adapters DIR)"}
 
 
 def serve_cmd(**given: Any) -> None:
-    """Serve ADAPTER over HTTP in front of a zero-shot vendor: classify, Hugging Face shape, health, metrics."""
+    """Serve ADAPTER (or every adapter in --adapters DIR) over HTTP in front of a zero-shot vendor."""
     from craft_adapter.artifact.adapter_file import AdapterError
     from craft_adapter.serve.server.settings import ServerConfig
 
@@ -53,14 +55,20 @@ def _run(config: Any, key: Any) -> None:
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
+    from craft_adapter.serve.server.adapter_store import AdapterStore
+    from craft_adapter.serve.server.connections import raise_open_file_limit
     from craft_adapter.serve.server.http_app import create_app, uvicorn_options
     from craft_adapter.serve.server.service import check_servable
     from craft_adapter.serve.shipped import ShippedAdapter
 
+    raise_open_file_limit()  # every socket is a file: a low limit would cap connections, not the server's bounds
     if config.workers == 1:
         app: Any = create_app(config, key)
-    else:
-        check_servable(ShippedAdapter.load(config.adapter, config.device))  # fail here, not in every worker
+    else:  # fail here, not in every worker
+        if config.adapters:
+            AdapterStore(config.adapters, config.device).refresh()
+        else:
+            check_servable(ShippedAdapter.load(config.adapter, config.device))
         os.environ.update(config.to_env())  # each worker rebuilds the config from these
         app = "craft_adapter.serve.server.http_app:app_from_env"
     uv = uvicorn.Config(app, host=config.host, port=config.port, workers=config.workers,
@@ -68,7 +76,7 @@ def _run(config: Any, key: Any) -> None:
     sock = _listen(uv)
     bound_host, bound_port = sock.getsockname()[:2]
     workers = f" with {config.workers} workers" if config.workers > 1 else ""
-    print(f"serving {config.adapter} at http://{bound_host}:{bound_port}{workers}", flush=True)
+    print(f"serving {config.adapter or config.adapters} at http://{bound_host}:{bound_port}{workers}", flush=True)
     if config.workers == 1:
         uvicorn.Server(uv).run(sockets=[sock])
         return

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -46,6 +45,7 @@ from craft_adapter import __version__
 from craft_adapter.serve.server.access import AccessMiddleware
 from craft_adapter.serve.server.adapter_routes import AdapterEndpoints, MultiOptions, multi_info, read_images
 from craft_adapter.serve.server.adapter_store import AdapterStore, poll_forever
+from craft_adapter.serve.server.connections import GuardedH11Protocol, InFlightLimit
 from craft_adapter.serve.server.inputs import ApiError, classify_options, decoded_all, hf_request
 from craft_adapter.serve.server.logs import SERVER_LOGGER, setup_logging
 from craft_adapter.serve.server.metrics import AdapterMetrics, ServerMetrics
@@ -208,7 +208,9 @@ def create_app(config: ServerConfig, key: Secret | None = None, adapters: str | 
     """
     key = config.vendor_key() if key is None else key
     setup_logging(config.log_level, key)
-    metrics, options = ServerMetrics(), options or MultiOptions()
+    adapters = adapters if adapters is not None else (config.adapters or None)
+    metrics, options = ServerMetrics(), options or MultiOptions(
+        config.adapters_memory_mb, config.adapters_poll_s, config.adapters_keep_versions, config.adapter_metrics_top_n)
     adapter: ShippedAdapter | None = None
     if adapters is None and store is None:
         adapter = ShippedAdapter.load(config.adapter, config.device)
@@ -266,26 +268,25 @@ def create_app(config: ServerConfig, key: Secret | None = None, adapters: str | 
               route("/healthz", e.healthz, "GET"), route("/readyz", e.readyz, "GET"),
               route("/metrics", e.metrics_text, "GET")]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
+    app.add_middleware(InFlightLimit, limit=config.max_requests_in_flight)  # inside the log: refusals are counted
     app.add_middleware(AccessMiddleware, metrics=metrics, access_log=config.access_log)
     app.state.config, app.state.metrics, app.state.store = config, metrics, store
     return app
 
 
 def app_from_env() -> Starlette:
-    """The app configured from ``CRAFT_SERVE_*`` variables: the factory each worker process calls.
-
-    ``CRAFT_SERVE_ADAPTERS`` (a folder or registry file) serves many adapters; until it is a ``ServerConfig``
-    field it is read here, and ``CRAFT_SERVE_ADAPTER`` may then be left unset.
-    """
-    adapters = os.environ.get("CRAFT_SERVE_ADAPTERS") or None
-    overrides = {"adapter": adapters} if adapters and not os.environ.get("CRAFT_SERVE_ADAPTER") else {}
-    return create_app(ServerConfig.from_env(**overrides), adapters=adapters)
+    """The app configured from ``CRAFT_SERVE_*`` variables: the factory each worker process calls."""
+    return create_app(ServerConfig.from_env())
 
 
 def uvicorn_options(config: ServerConfig) -> dict[str, Any]:
-    """The uvicorn settings for ``config`` (graceful shutdown, concurrency bound, our own logging)."""
+    """The uvicorn settings for ``config``: graceful shutdown, request-head deadlines, our own logging.
+
+    No ``limit_concurrency``: uvicorn counts open sockets there, so idle ones would shut every request out;
+    :class:`InFlightLimit` bounds the requests instead (see :mod:`.connections`).
+    """
     from craft_adapter.serve.server.logs import uvicorn_log_config
 
     return {"log_config": uvicorn_log_config(), "access_log": False, "log_level": config.log_level,
             "timeout_graceful_shutdown": int(config.graceful_timeout_s), "server_header": False,
-            "limit_concurrency": config.max_requests_in_flight, "lifespan": "on", "backlog": 4096}
+            "http": GuardedH11Protocol, "lifespan": "on", "backlog": 4096}

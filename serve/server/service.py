@@ -17,7 +17,7 @@ import numpy as np
 from craft_adapter.artifact.adapter_file import AdapterError
 from craft_adapter.serve.server.vendor_pool import VendorFailure, ZeroShotVendorClient
 from craft_adapter.serve.shipped import ShippedAdapter
-from craft_adapter.vendors.replies import zero_shot_reply
+from craft_adapter.vendors.replies import SIGMOID, SOFTMAX, zero_shot_reply
 
 
 def servable_problem(mode: str, logit_kind: str, source: str) -> str | None:
@@ -25,7 +25,7 @@ def servable_problem(mode: str, logit_kind: str, source: str) -> str | None:
     if mode != "text":
         return (f"{source} was fitted with soft prompts (context vectors), which a zero-shot HTTP vendor cannot "
                 "take; refit it in text mode to serve it in front of a vendor URL")
-    if logit_kind != "probabilities":
+    if logit_kind not in (SOFTMAX, SIGMOID):
         return (f"{source} was fitted on vendor {logit_kind}, but a zero-shot vendor returns probabilities; "
                 "refit it against the zero-shot vendor")
     return None
@@ -62,13 +62,14 @@ class AdapterService:
     async def classify(self, images: list[bytes], deadline: float) -> Classified:
         """Refined predictions for checked image bytes, or the first :class:`VendorFailure` of the batch."""
         encoded = [base64.b64encode(b).decode("ascii") for b in images]
-        labels, template = self.adapter.class_names, self.adapter.template
+        labels, template, kind = self.adapter.class_names, self.adapter.template, self.adapter.logit_kind
         if len(encoded) == 1:
-            rows = [await self.client.scores(encoded[0], deadline, labels, template)]
+            rows = [await self.client.scores(encoded[0], deadline, labels, template, kind)]
         else:
             try:
                 async with asyncio.TaskGroup() as group:  # one failure cancels the rest of the batch
-                    tasks = [group.create_task(self.client.scores(e, deadline, labels, template)) for e in encoded]
+                    tasks = [group.create_task(self.client.scores(e, deadline, labels, template, kind))
+                             for e in encoded]
             except* VendorFailure as failures:
                 raise failures.exceptions[0] from None
             rows = [t.result() for t in tasks]

@@ -35,8 +35,19 @@ def required(help_text: str) -> Any:
 class ServerConfig:
     """Everything ``craft-adapter serve`` can be told; validated on creation. Each field's help text is the CLI's."""
 
-    adapter: str = required("The shipped adapter: .safetensors or exported .onnx.")
     vendor_url: str = required("Zero-shot vendor endpoint URL (Hugging Face protocol).")
+    adapter: str = setting("", "The shipped adapter: .safetensors or exported .onnx (or use --adapters).")
+    adapters: str = setting("", "Serve many adapters: a folder of NAME.safetensors / NAME.onnx files, or a registry "
+                            "JSON {\"adapters\": {NAME: path}}; each at /v1/adapters/NAME/..., reloaded on change.",
+                            "adapters")
+    adapters_memory_mb: float = setting(0.0, "Estimated memory of loaded adapters before the least recently used "
+                                        "is unloaded; 0: no bound.", "adapters")
+    adapters_poll_s: float = setting(2.0, "Seconds between checks of --adapters for new, changed and removed "
+                                     "files.", "adapters")
+    adapters_keep_versions: int = setting(3, "Versions per adapter kept pinnable (NAME@sha256-prefix) after its "
+                                          "file changes.", "adapters")
+    adapter_metrics_top_n: int = setting(50, "Adapters with their own metrics label; the rest count as 'other'.",
+                                         "adapters")
     host: str = setting("127.0.0.1", "Interface to bind; keep 127.0.0.1 behind a proxy.")
     port: int = setting(8000, "Port; 0 picks a free one (one worker only).")
     workers: int = setting(1, "Worker processes sharing the port.")
@@ -66,6 +77,13 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check_vendor_url(self.vendor_url)
+        if bool(self.adapter) == bool(self.adapters):
+            raise ValueError("give one adapter file (ADAPTER) or a folder of them (--adapters DIR), not "
+                             + ("both" if self.adapter else "neither"))
+        if self.adapters_memory_mb < 0 or self.adapters_poll_s <= 0 or self.adapters_keep_versions < 1 \
+                or self.adapter_metrics_top_n < 0:
+            raise ValueError("adapters_memory_mb >= 0, adapters_poll_s > 0, adapters_keep_versions >= 1 and "
+                             "adapter_metrics_top_n >= 0 required")
         positive = ("vendor_timeout_s", "request_timeout_s", "backoff_max_s", "max_vendor_in_flight",
                     "max_requests_in_flight", "max_body_bytes", "max_batch", "max_image_pixels", "top_k", "workers")
         for name in positive:
@@ -90,7 +108,9 @@ class ServerConfig:
             if raw is not None:
                 values[f.name] = _parse(raw, f.type, f.name)
         values.update(overrides)
-        missing = [n for n in ("adapter", "vendor_url") if not values.get(n)]
+        missing = [n for n in ("vendor_url",) if not values.get(n)]
+        if not values.get("adapter") and not values.get("adapters"):
+            missing.append("adapter")
         if missing:
             raise ValueError("no " + " and no ".join(f"{ENV_PREFIX}{n.upper()}" for n in missing) + " set")
         return cls(**values)

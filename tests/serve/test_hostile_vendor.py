@@ -217,6 +217,24 @@ def test_a_sigmoid_vendor_before_a_softmax_adapter_is_one_call_and_a_clear_502(s
     assert sum(stub.calls.values()) - before == 1
 
 
+def test_a_sigmoid_adapter_is_served_in_front_of_a_sigmoid_vendor(stub: StubVendor, tmp_path: Path) -> None:
+    a = synthetic_adapter(len(NAMES), logit_kind="independent_probabilities", seed=6)
+    a.class_names = list(NAMES)
+    path = a.save(tmp_path / "sigmoid.safetensors")
+    srv = ServerProcess([str(path), "--vendor", stub.url + "/", *ARGS], tmp_path / "server.log",
+                        env={"CRAFT_VENDOR_API_KEY": KEY})
+    try:
+        stub.scores = "sigmoid"
+        r = classify(srv, seed=3)
+        assert r.status_code == 200, r.text
+        image = png(3)
+        raw = stub_probabilities(base64.b64encode(image).decode(), NAMES, "sigmoid")[None]
+        want = a.refine(raw)[0]
+        assert r.json()["label"] == NAMES[int(want.argmax())]
+    finally:
+        srv.stop()
+
+
 def test_the_pool_reads_a_sigmoid_kind_and_checks_softmax_first(stub: StubVendor) -> None:
     stub.scores = "sigmoid"
     image = base64.b64encode(png(3)).decode()

@@ -284,3 +284,28 @@ def test_a_registry_file_names_adapters_anywhere_and_bad_ones_are_refused(tmp_pa
 
     with pytest.raises(AdapterError, match="a registry is JSON"):
         ServerThread(registry, stub.url, MultiOptions())
+
+
+def test_the_cli_serves_a_folder_and_survives_idle_sockets(folder, stub: StubVendor, tmp_path: Path) -> None:
+    import socket
+
+    from server_process import ServerProcess
+
+    root, adapters = folder
+    srv = ServerProcess(["--vendor", stub.url, "--adapters", str(root), "--adapters-poll", "0.2", "--port", "0"],
+                        tmp_path / "serve.log")
+    try:
+        image = png(7)
+        r = classify(srv.url, "shoes", image)
+        assert r.status_code == 200, r.text
+        check(r.json(), adapters["shoes"], image)
+        host, port = srv.url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(1100)]  # past uvicorn's old 1,024
+        try:
+            assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
+            assert classify(srv.url, "bags", image).status_code == 200
+        finally:
+            for s in idle:
+                s.close()
+    finally:
+        assert srv.stop() in (0, -15)  # uvicorn re-raises SIGTERM once its graceful shutdown is done
