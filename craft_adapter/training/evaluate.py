@@ -59,8 +59,16 @@ def zero_shot_probabilities(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _no_stand_in(logit_kind: str) -> None:
+    if logit_kind not in ("logits", "probabilities"):  # sigmoid scores: the model gives no faithful equivalent
+        raise AdapterError(f"the adapter was fitted on vendor {logit_kind} (independent, sigmoid-style scores), "
+                           "which an in-process CLIP model cannot reproduce; evaluate it through its vendor: "
+                           "eval ADAPTER --vendor URL")
+
+
 def vendor_equivalent(logits: np.ndarray, scale: float, adapter: Adapter) -> np.ndarray:
     """A model's cosine logits (at ``scale``) as the adapter's vendor kind returns them, for the same model."""
+    _no_stand_in(adapter.logit_kind)
     if adapter.logit_kind == "probabilities":
         return zero_shot_probabilities(logits)
     factor = np.float32(adapter.logit_scale / scale)  # 1 when the adapter was fitted on this model
@@ -74,6 +82,7 @@ def stand_in_vendor(backend: EmbeddingBackend, logit_kind: str) -> Any:
     scale). ``"probabilities"``: a zero-shot endpoint serving the model, ``softmax(logit_scale * cos)`` over the
     class prompts, as ``craft-adapter vendor`` answers.
     """
+    _no_stand_in(logit_kind)
     if logit_kind == "logits":
         return backend
 
