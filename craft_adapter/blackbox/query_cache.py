@@ -2,7 +2,14 @@
 
 An answer is keyed by the backend's identity, what was asked (a template and class list, a text, or a
 context-vector hash) and the image's content hash. Values are float32 arrays stored as raw bytes with their
-shape: data, never pickle. The database runs in WAL mode and every write is one transaction, so concurrent
+shape: data, never pickle. Kinds named in ``half_kinds`` are kept as float16 (half the bytes) under their own kind
+name, so a float32 reader never gets a rounded answer; the fit rounds fresh answers the same way before using
+them, so a replayed fit sees what the first one saw. With a cap (:meth:`QueryCache.limit`), the oldest answers
+are evicted once the stored answers pass it: first those of backends no fit in this process uses, then those of
+this process's backends older than ``protect_since`` (a soft-mode fit moves it to each checkpoint it writes: a
+resume never reads the answers before its checkpoint); never image embeddings of those backends, never anything
+newer. If what is protected alone passes the cap, the cache grows past it rather than evict what a resume needs.
+The database runs in WAL mode and every write is one transaction, so concurrent
 writers (threads or processes) are safe and a process killed mid-write leaves the file consistent: the answer
 is either stored whole or not at all. ``fit --resume`` replays a killed fit from here.
 """
@@ -96,6 +103,12 @@ class QueryCache:
             raise CacheError(f"{self.path} is not a usable craft-adapter cache ({e}); move it away or pass "
                              "--cache with another path") from None
         self.corrupt_entries = 0
+        self.half_kinds: frozenset[str] = frozenset()
+        self.max_bytes: int | None = None
+        self.protect_since = float("-inf")
+        self.evicted = 0
+        self._active: set[str] = set()
+        self._total = 0
 
     @contextmanager
     def _locked(self, action: str) -> Iterator[sqlite3.Connection]:
@@ -120,6 +133,7 @@ class QueryCache:
     def register(self, identity: Mapping[str, Any]) -> str:
         """Record a backend's identity (for ``cache stats``) and return its key."""
         key = backend_key(identity)
+        self._active.add(key)
         with self._locked("write to") as db:
             db.execute("INSERT OR IGNORE INTO backends VALUES (?, ?)", (key, _identity_json(identity)))
         return key
@@ -127,6 +141,7 @@ class QueryCache:
     def get(self, backend: str, kind: str, keys: Sequence[Key]) -> dict[Key, np.ndarray]:
         """The stored answers among ``keys``; an entry that does not decode is treated as missing."""
         found: dict[Key, np.ndarray] = {}
+        kind = self._stored_kind(kind)
         sql = "SELECT shape, value FROM answers WHERE backend=? AND kind=? AND prompt=? AND image=?"
         with self._locked("read") as db:
             for key in dict.fromkeys(keys):
@@ -142,8 +157,11 @@ class QueryCache:
     def put(self, backend: str, kind: str, answers: Mapping[Key, np.ndarray]) -> None:
         """Store ``answers`` in one transaction; the first answer stored for a key stays the answer."""
         now = time.time()
-        rows = [(backend, kind, p, i, json.dumps(list(a.shape)), np.ascontiguousarray(a, "<f4").tobytes(), now)
-                for (p, i), a in answers.items()]
+        half = kind in self.half_kinds
+        shape = (lambda a: json.dumps({"dtype": "<f2", "shape": list(a.shape)})) if half else (
+            lambda a: json.dumps(list(a.shape)))
+        rows = [(backend, self._stored_kind(kind), p, i, shape(a), np.ascontiguousarray(a, "<f2" if half else "<f4")
+                 .tobytes(), now) for (p, i), a in answers.items()]
         with self._locked("write to") as db:  # disk full, read-only file, locked for longer than the timeout
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -153,6 +171,40 @@ class QueryCache:
                 if db.in_transaction:  # SQLite may have rolled back already (a full disk does): keep its error
                     db.execute("ROLLBACK")
                 raise
+        self._total += sum(len(r[5]) for r in rows)
+        if self.max_bytes is not None and self._total > self.max_bytes:
+            self._evict()
+
+    def _stored_kind(self, kind: str) -> str:
+        return kind + "@f16" if kind in self.half_kinds else kind
+
+    def limit(self, max_bytes: int | None, protect_since: float = float("-inf")) -> None:
+        """Cap the stored answers at ``max_bytes`` (``None``: no cap); answers of this process's backends created at
+        or after ``protect_since`` are never evicted."""
+        self.max_bytes, self.protect_since = max_bytes, protect_since
+        with self._locked("read") as db:
+            self._total = int(db.execute("SELECT COALESCE(SUM(LENGTH(value)), 0) FROM answers").fetchone()[0])
+        if max_bytes is not None and self._total > max_bytes:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Delete the oldest evictable answers until the stored answers fit the cap (see the module docstring)."""
+        active = sorted(self._active)
+        mine = f"backend IN ({','.join('?' * len(active))})" if active else "0"
+        sql = (f"SELECT id, LENGTH(value) FROM answers WHERE NOT ({mine} AND (kind = 'image' OR created >= ?)) "
+               f"ORDER BY {mine}, created, id")
+        with self._locked("prune") as db:
+            self._total = int(db.execute("SELECT COALESCE(SUM(LENGTH(value)), 0) FROM answers").fetchone()[0])
+            doomed: list[int] = []
+            for row_id, size in db.execute(sql, [*active, self.protect_since, *active]):
+                if self._total <= self.max_bytes:
+                    break
+                doomed.append(row_id)
+                self._total -= size
+            for i in range(0, len(doomed), 500):
+                db.execute(f"DELETE FROM answers WHERE id IN ({','.join('?' * len(doomed[i:i + 500]))})",
+                           doomed[i:i + 500])
+        self.evicted += len(doomed)
 
     def stats(self) -> dict[str, Any]:
         """Entries, bytes and age per backend and kind, and the file size on disk."""
@@ -223,12 +275,15 @@ def _where(older_than_s: float | None, backends: Iterable[str]) -> tuple[str, li
 
 def _decode(shape_json: str, blob: bytes) -> np.ndarray | None:
     try:
-        shape = tuple(int(n) for n in json.loads(shape_json))
-    except (ValueError, TypeError):
+        spec = json.loads(shape_json)  # [shape...] (float32), or {"dtype": "<f2", "shape": [...]}
+        dtype = "<f4" if isinstance(spec, list) else {"<f2": "<f2"}[spec["dtype"]]
+        shape = tuple(int(n) for n in (spec if isinstance(spec, list) else spec["shape"]))
+    except (ValueError, TypeError, KeyError):
         return None
-    if any(n < 0 for n in shape) or int(np.prod(shape, dtype=np.int64)) * 4 != len(blob):
+    size = np.dtype(dtype).itemsize
+    if any(n < 0 for n in shape) or int(np.prod(shape, dtype=np.int64)) * size != len(blob):
         return None
-    return np.frombuffer(blob, dtype="<f4").reshape(shape).astype(np.float32)
+    return np.frombuffer(blob, dtype=dtype).reshape(shape).astype(np.float32)
 
 
 class BackendCache:

@@ -89,6 +89,18 @@ class FitConfig:
     holdout_shots: int | None = setting(None, "Shots per class held out to choose the prompt and refiner; default "
                                         "shots // 4.")
     eval_every: int = setting(10, "Generations between hold-out checks (1 query each).")
+    # scale (issue 17): operational; float16 answers change the adapter, so they are opt-in
+    memory_budget_mb: float = setting(512.0, "Memory for scoring a generation: the fitness is computed a few "
+                                      "candidates (and images) at a time within it; same adapter as one pass.",
+                                      "operational")
+    checkpoint_every: int = setting(10, "Soft mode: write a resume checkpoint beside the output every this many "
+                                    "generations (and on Ctrl-C or a vendor stop); 0: never.", "operational")
+    cache_precision: Literal["float32", "float16"] = setting(
+        "float32", "Soft mode: precision of the context answers kept in the query cache and used by the fit; "
+        "float16 halves the cache but changes the adapter (measured: benchmarks/results/scale.json).", "operational")
+    cache_max_mb: float | None = setting(None, "Cap on the query cache's answers; over it the oldest answers of "
+                                         "other backends, then of this one that no resume needs, are evicted.",
+                                         "operational")
 
     def __post_init__(self) -> None:
         checks = [
@@ -112,6 +124,10 @@ class FitConfig:
             (self.retries >= 0 and self.retry_backoff >= 0, "retries and retry_backoff must be non-negative"),
             (self.max_failed_calls is None or self.max_failed_calls >= 0, "max_failed_calls must be non-negative"),
             (self.timeout > 0, "timeout must be positive"),
+            (self.memory_budget_mb > 0 and self.checkpoint_every >= 0,
+             "memory_budget_mb must be positive and checkpoint_every non-negative"),
+            (self.cache_precision in ("float32", "float16"), "cache_precision must be 'float32' or 'float16'"),
+            (self.cache_max_mb is None or self.cache_max_mb > 0, "cache_max_mb must be positive"),
             (self.train_prompt or self.train_refiner, "nothing to train: enable the prompt or the refiner"),
             (self.init_prompt.strip() != "", "init_prompt must not be empty"),
         ]

@@ -2,19 +2,24 @@
 
 Beside the adapter ``<output>`` sit ``<output>.fitrun.json`` (the manifest :mod:`.resume` reads back, written
 before the first vendor call so a killed fit can be resumed) and ``<output>.fitlog.json`` (the fit's record).
-No typer and no rich here: the command line draws and prints, this module only writes.
+A soft-mode fit also keeps ``<output>.ckpt.safetensors`` (:mod:`.checkpoint`) while it runs; it is removed once
+the adapter is written. No typer and no rich here: the command line draws and prints, this module only writes.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from craft_adapter.training.resume import FitRun, manifest_path
 
 if TYPE_CHECKING:
+    from craft_adapter.blackbox.query_cache import QueryCache
     from craft_adapter.training.api import FitOutcome
+    from craft_adapter.training.checkpoint import Checkpoints
+    from craft_adapter.training.config import FitConfig
 
 
 def fitlog_path(output: Path) -> Path:
@@ -27,9 +32,34 @@ def start(output: Path, run: FitRun) -> None:
     run.save(manifest_path(output))
 
 
+def prepare(output: Path | None, run: FitRun, cfg: FitConfig, cache: QueryCache | None,
+            resume: bool) -> Checkpoints | None:
+    """Set the cache's precision and cap for this fit; the fit's checkpoints when it writes ``output``."""
+    if cache is not None:
+        cache.half_kinds = frozenset({"soft"}) if cfg.cache_precision == "float16" else frozenset()
+        # resuming without a checkpoint replays from the start: every answer of this backend may be needed
+        cache.limit(None if cfg.cache_max_mb is None else int(cfg.cache_max_mb * 2**20),
+                    float("-inf") if resume else time.time())
+    if output is None or not cfg.checkpoint_every:
+        return None
+    from craft_adapter.training.checkpoint import Checkpoints, checkpoint_path
+
+    identity = {"config": run.config, "backend": run.backend, "train": run.train,
+                "precision": cfg.cache_precision}
+
+    def saved(t: float) -> None:
+        if cache is not None:
+            cache.protect_since = t
+
+    return Checkpoints(checkpoint_path(output), identity, cfg.checkpoint_every, resume, saved)
+
+
 def finish(output: Path, outcome: FitOutcome, run: FitRun) -> None:
-    """Write the adapter to ``output``, its fit log beside it, and mark the manifest done."""
+    """Write the adapter to ``output``, its fit log beside it, mark the manifest done, drop the checkpoint."""
+    from craft_adapter.training.checkpoint import checkpoint_path
+
     outcome.adapter.save(output)
     fitlog_path(output).write_text(json.dumps(outcome.record.as_fitlog(), indent=1) + "\n")
     run.status = "done"
     run.save(manifest_path(output))
+    checkpoint_path(output).unlink(missing_ok=True)

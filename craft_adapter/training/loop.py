@@ -11,6 +11,7 @@ call goes through the :class:`BlackBox`, so every call is counted and capped.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable
@@ -21,9 +22,10 @@ import torch
 
 from craft_adapter.artifact.adapter_file import Adapter, refiner_input
 from craft_adapter.blackbox.box import BlackBox
+from craft_adapter.training.checkpoint import Checkpoints, restore
 from craft_adapter.training.config import FitConfig
-from craft_adapter.training.prompt_modules import make_prompt_module
-from craft_adapter.training.refiner import Refiner, prompt_fitness, train_epoch
+from craft_adapter.training.prompt_modules import SoftModule, make_prompt_module
+from craft_adapter.training.refiner import Refiner, population_fitness, train_epoch
 
 
 @dataclass
@@ -58,8 +60,12 @@ def _acc(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdout: np.ndarray | None,
-        cfg: FitConfig, on_generation: Callable[[FitState], None] | None = None) -> FitResult:
-    """Fit a CraFT adapter against the black box; ``holdout`` shares ``train``'s meter."""
+        cfg: FitConfig, on_generation: Callable[[FitState], None] | None = None,
+        checkpoints: Checkpoints | None = None) -> FitResult:
+    """Fit a CraFT adapter against the black box; ``holdout`` shares ``train``'s meter.
+
+    With ``checkpoints``, a soft-mode fit continues from its last checkpoint and keeps writing them.
+    """
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     shuffle = torch.Generator().manual_seed(cfg.seed)
@@ -86,35 +92,53 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
     best: tuple[float, object, dict] | None = None
     history: list[dict] = []
     cur, gen, checked = None, 0, True
-    while module.max_generations is None or gen < module.max_generations:
-        cands = module.propose()
-        rows = module.rows(meter.used, budget)  # None: every image
-        due = use_holdout and (gen + 1) % cfg.eval_every == 0
-        if module.cost(train, cands, rows) + reserve * (1 + due) > meter.remaining:
-            break
-        raw = module.score(train, cands, rows)  # [p, m, c]
-        x = as_input(raw)
-        with torch.no_grad():
-            w = cfg.kl_weight if cfg.train_refiner else 0.0
-            fitness = prompt_fitness(x, refiner(x) if cfg.train_refiner else x, labels(rows), w)  # [p]
-        b = module.tell(cands, fitness.numpy())
-        cur = cands[b]
-        ref_rows, ref_raw = module.refiner_data(train, cur, rows, raw[b])
-        cur_x, cur_y = as_input(ref_raw), labels(ref_rows)
-        if cfg.train_refiner:
-            w = cfg.kl_weight if meter.used < budget // cfg.kl_decay_n else 0.0
-            train_epoch(refiner, opt, cur_x, cur_y, w, cfg.refiner_batch, shuffle)
-        gen += 1
-        with torch.no_grad():
-            train_acc = _acc(refiner(cur_x), cur_y)
-        h_acc, checked = None, due
-        if due:
-            h_acc, best = _check(holdout, module, cur, refiner, as_input, y_hold, best)
-        history.append({"generation": gen, "queries": meter.queries, "vendor_calls": meter.vendor_calls,
-                        "best_fitness": float(fitness[b]), "train_acc": train_acc, "holdout_acc": h_acc})
-        if on_generation is not None:
-            on_generation(FitState(gen, meter.queries, meter.vendor_calls, budget, float(fitness[b]), train_acc,
-                                   h_acc, cur, refiner, meter.summary()))
+    ckpt = checkpoints if isinstance(module, SoftModule) else None  # text and fixed prompts resume by replay
+    if ckpt is not None:
+        restored = restore(ckpt, module.search, refiner, opt, shuffle, meter, (train, holdout if use_holdout
+                                                                                  else None))
+        if restored is not None:
+            gen, cur, best, history, checked = restored
+    try:
+        while module.max_generations is None or gen < module.max_generations:
+            cands = module.propose()
+            rows = module.rows(meter.used, budget)  # None: every image
+            due = use_holdout and (gen + 1) % cfg.eval_every == 0
+            if module.cost(train, cands, rows) + reserve * (1 + due) > meter.remaining:
+                break
+            scores = module.score(train, cands, rows)  # [p, m, c], made a chunk at a time within the memory budget
+            with torch.no_grad():
+                w = cfg.kl_weight if cfg.train_refiner else 0.0
+                fitness, first, best_raw = population_fitness(
+                    scores.take, scores.shape, as_input, refiner if cfg.train_refiner else (lambda t: t), labels(rows),
+                    w, cfg.hidden, cfg.memory_budget_mb)  # [p]
+            b = module.tell(cands, fitness.numpy())
+            cur = cands[b]
+            raw_b = best_raw if b == first else scores.take(b, b + 1)[0]
+            del scores, best_raw
+            ref_rows, ref_raw = module.refiner_data(train, cur, rows, raw_b)
+            cur_x, cur_y = as_input(ref_raw), labels(ref_rows)
+            if cfg.train_refiner:
+                w = cfg.kl_weight if meter.used < budget // cfg.kl_decay_n else 0.0
+                train_epoch(refiner, opt, cur_x, cur_y, w, cfg.refiner_batch, shuffle)
+            gen += 1
+            with torch.no_grad():
+                train_acc = _acc(refiner(cur_x), cur_y)
+            h_acc, checked = None, due
+            if due:
+                h_acc, best = _check(holdout, module, cur, refiner, as_input, y_hold, best)
+            history.append({"generation": gen, "queries": meter.queries, "vendor_calls": meter.vendor_calls,
+                            "best_fitness": float(fitness[b]), "train_acc": train_acc, "holdout_acc": h_acc})
+            if on_generation is not None:
+                on_generation(FitState(gen, meter.queries, meter.vendor_calls, budget, float(fitness[b]), train_acc,
+                                       h_acc, cur, refiner, meter.summary()))
+            if ckpt is not None:
+                ckpt.generation_done(gen, fitness.numpy(), meter, refiner, opt, shuffle, cur, best, history, checked,
+                                     module.search.es)
+    except BaseException:  # Ctrl-C, a vendor stop, a cache failure: keep the last completed generation
+        if ckpt is not None:
+            with contextlib.suppress(OSError):
+                ckpt.save_last()
+        raise
     if gen == 0:
         raise ValueError(f"budget {budget} {cfg.budget_unit} is too small for one generation"
                          + (" and a hold-out check" if use_holdout else ""))
@@ -140,7 +164,7 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
 
 def _check(holdout: BlackBox, module, cand, refiner: Refiner, as_input, y: torch.Tensor, best):
     """Hold-out accuracy of ``cand`` with the current refiner; keep the pair if it is the best so far."""
-    x = as_input(module.score(holdout, [cand], None))[0]
+    x = as_input(module.score(holdout, [cand], None).take(0, 1))[0]
     with torch.no_grad():
         acc = _acc(refiner(x), y)
     if best is None or acc >= best[0]:

@@ -4,6 +4,8 @@ through the black box, and learns from their fitness."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,6 +16,29 @@ from craft_adapter.training.soft_prompt import SoftPromptSearch
 from craft_adapter.training.text_prompt import TextPromptSearch, word_vocabulary
 
 
+@dataclass
+class Scores:
+    """A population's raw scores ``[p, m, c]``, made ``take(i, j)`` a few candidates at a time.
+
+    In soft mode the population is paid for in one call (its class-text embeddings, ``[p, c, d]``) and the
+    logits are made per chunk from those, so the fit never holds ``[p, m, c]`` whole (1.9 GB at 40 x 12,000 x
+    1,000). Text and fixed prompts come from the vendor as scores; they are sliced.
+    """
+
+    shape: tuple[int, int, int]
+    take: Callable[[int, int], np.ndarray]
+
+    @classmethod
+    def of(cls, raw: np.ndarray) -> Scores:
+        """Scores already made ``[p, m, c]``."""
+        return cls(raw.shape, lambda i, j: raw[i:j])
+
+
+def half_precision(emb: np.ndarray) -> np.ndarray:
+    """``emb`` rounded to float16 and back: what a float16 query cache gives back, used for fresh answers too."""
+    return emb.astype(np.float16).astype(np.float32)
+
+
 class SoftModule:
     """Context vectors ``p0 + A z``; one generation is ``popsize`` queries on the whole few-shot set."""
 
@@ -22,6 +47,7 @@ class SoftModule:
     def __init__(self, box: BlackBox, cfg: FitConfig) -> None:
         self.search = SoftPromptSearch(box.soft_prompt_init(cfg.init_prompt), cfg)
         self._z: np.ndarray | None = None
+        self.half = cfg.cache_precision == "float16"
 
     def propose(self) -> list[np.ndarray]:
         """A CMA-ES generation of contexts ``[n_ctx, width]``."""
@@ -36,9 +62,12 @@ class SoftModule:
         """One query per candidate."""
         return len(cands)
 
-    def score(self, box: BlackBox, cands: list, rows: Any) -> np.ndarray:
-        """Raw scores ``[p, n, c]``."""
-        return box.logits_soft(np.stack(cands))
+    def score(self, box: BlackBox, cands: list, rows: Any) -> Scores:
+        """Raw scores ``[p, n, c]``, paid now in one call, made on demand a few candidates at a time."""
+        emb = box.soft_embeddings(np.stack(cands))  # [p, c, d]
+        if self.half:
+            emb = half_precision(emb)
+        return Scores((len(emb), box.n_images, emb.shape[1]), lambda i, j: box.cosine_logits(emb[i:j]))
 
     def refiner_data(self, box: BlackBox, cand: Any, rows: Any, raw: np.ndarray) -> tuple[Any, np.ndarray]:
         """What the refiner trains on: the candidate's scores on this generation's rows."""
@@ -72,12 +101,12 @@ class FixedModule:
             return 0
         return 1 if isinstance(self.prompt, np.ndarray) else box.text_cost([self.prompt])
 
-    def score(self, box: BlackBox, cands: list, rows: Any) -> np.ndarray:
+    def score(self, box: BlackBox, cands: list, rows: Any) -> Scores:
         """Raw scores ``[1, n, c]``, paid the first time only."""
         if id(box) not in self._memo:
             p = self.prompt
             self._memo[id(box)] = box.logits_soft(p[None]) if isinstance(p, np.ndarray) else box.logits_text([p])
-        return self._memo[id(box)]
+        return Scores.of(self._memo[id(box)])
 
     def refiner_data(self, box: BlackBox, cand: Any, rows: Any, raw: np.ndarray) -> tuple[Any, np.ndarray]:
         """The fixed prompt's scores on every image."""
@@ -118,9 +147,9 @@ class TextModule:
         """Only the (image, template) pairs not paid before."""
         return box.text_cost(cands, rows)
 
-    def score(self, box: BlackBox, cands: list, rows: Any) -> np.ndarray:
+    def score(self, box: BlackBox, cands: list, rows: Any) -> Scores:
         """Raw scores ``[p, m, c]``."""
-        return box.logits_text(cands, rows)
+        return Scores.of(box.logits_text(cands, rows))
 
     def refiner_data(self, box: BlackBox, cand: str, rows: Any, raw: np.ndarray) -> tuple[Any, np.ndarray]:
         """Every image the template has been paid for so far (more than this generation's minibatch); free."""

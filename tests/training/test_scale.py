@@ -1,0 +1,107 @@
+"""Issue 17 on the tiny model: the fitness in chunks gives the same adapter as one pass, and a soft-mode fit stopped
+mid-way continues from its checkpoint to the uninterrupted adapter's bytes, replaying only what came after it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import random_images
+
+from craft_adapter import FitConfig, fit_adapter
+from craft_adapter.blackbox.query_cache import QueryCache
+from craft_adapter.training.api import SettingsError
+from craft_adapter.training.checkpoint import checkpoint_path
+from craft_adapter.training.image_sets import LabeledImages
+from craft_adapter.training.refiner import chunk_plan
+from craft_adapter.training.resume import FitRun, manifest_path
+from craft_adapter.vendors.open_clip_backend import OpenClipBackend
+
+SMALL = {"shots": 4, "budget": 80, "popsize": 8, "intrinsic_dim": 16, "eval_every": 3, "holdout_shots": 1}
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir: Path) -> OpenClipBackend:
+    return OpenClipBackend(f"local-dir:{tiny_model_dir}", device="cpu")
+
+
+def few_shots(n_classes: int, per_class: int, seed: int = 3) -> LabeledImages:
+    images = random_images(n_classes * per_class, seed=seed)
+    return LabeledImages(images, np.repeat(np.arange(n_classes), per_class), [f"class {i}" for i in range(n_classes)])
+
+
+def test_chunk_plan_keeps_one_pass_when_it_fits_and_splits_rows_only_when_one_candidate_does_not() -> None:
+    assert chunk_plan(40, 120, 10, 256, 512) == (40, 120)  # the reference task: today's single pass
+    q, r = chunk_plan(40, 12_000, 1000, 256, 512)
+    assert (q, r) == (1, 12_000)  # 1,000 classes: one candidate at a time, about 0.5 GB of temporaries
+    assert chunk_plan(40, 12_000, 1000, 256, 64) == (1, 64 * 2**20 // (4 * (10 * 1000 + 512)))
+
+
+def test_fitness_in_tiny_chunks_gives_the_one_pass_adapter_byte_for_byte(backend: OpenClipBackend,
+                                                                           tmp_path: Path) -> None:
+    # 50 classes x 6 train images: each candidate's logits are a 300 x 32 x 50 product, on BLAS's regular path
+    data = few_shots(50, 8)
+    cfg = FitConfig(shots=8, budget=40, popsize=8, intrinsic_dim=16, hidden=16, eval_every=2, holdout_shots=2)
+    one = fit_adapter(data, backend, cfg, output=tmp_path / "one.safetensors")
+    tiny = FitConfig(**{**cfg.__dict__, "memory_budget_mb": 0.01})  # 4 image rows of one candidate per chunk
+    assert chunk_plan(8, 300, 50, 16, 0.01)[0] == 1 and chunk_plan(8, 300, 50, 16, 0.01)[1] < 10
+    chunked = fit_adapter(data, backend, tiny, output=tmp_path / "chunked.safetensors")
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "chunked.safetensors").read_bytes()
+    assert one.record.history == chunked.record.history
+
+
+class Stop(Exception):
+    """Raised from the progress callback to stop a fit mid-way, as Ctrl-C would."""
+
+
+def _stop_at(gen: int):  # noqa: ANN202
+    def hook(state) -> None:  # noqa: ANN001
+        if state.generation == gen:
+            raise Stop
+    return hook
+
+
+def test_a_stopped_fit_resumes_from_its_checkpoint_to_the_same_bytes(backend: OpenClipBackend, tmp_path: Path) -> None:
+    data = few_shots(3, 5)
+    cfg = FitConfig(**SMALL, checkpoint_every=3)
+    ref = tmp_path / "ref" / "a.safetensors"
+    ref.parent.mkdir()
+    fit_adapter(data, backend, cfg, output=ref)
+    assert not checkpoint_path(ref).exists()  # removed once the adapter is written
+
+    out = tmp_path / "cut" / "a.safetensors"
+    out.parent.mkdir()
+    with QueryCache(out.parent / "cache.sqlite") as cache, pytest.raises(Stop):
+        fit_adapter(data, backend, cfg, output=out, cache=cache, on_progress=_stop_at(8))
+    assert checkpoint_path(out).exists()  # written at generation 6 (and again on the stop: nothing newer)
+    with QueryCache(out.parent / "cache.sqlite") as cache:
+        resumed = fit_adapter(data, backend, cfg, output=out, cache=cache, resume=FitRun.load(manifest_path(out)))
+    assert out.read_bytes() == ref.read_bytes()
+    meter = resumed.record.meter
+    # replay would ask for all 14 calls again; from the checkpoint: the two image sets, generations 7-8, the rest
+    assert meter["vendor_calls"] == 14 and meter["paid_calls"] + meter["cached_calls"] <= 6, meter
+    assert len(resumed.record.history) == 9 and not checkpoint_path(out).exists()
+
+
+def test_a_damaged_checkpoint_is_refused_and_another_fits_is_ignored(backend: OpenClipBackend,
+                                                                      tmp_path: Path) -> None:
+    data = few_shots(3, 5)
+    cfg = FitConfig(**SMALL, checkpoint_every=2)
+    out = tmp_path / "a.safetensors"
+    with QueryCache(tmp_path / "cache.sqlite") as cache, pytest.raises(Stop):
+        fit_adapter(data, backend, cfg, output=out, cache=cache, on_progress=_stop_at(5))
+    good = checkpoint_path(out).read_bytes()
+    damaged = good.replace(b'"F32"', b'"F64"', 1)
+    checkpoint_path(out).write_bytes(damaged)
+    with QueryCache(tmp_path / "cache.sqlite") as cache, pytest.raises(SettingsError, match="delete it"):
+        fit_adapter(data, backend, cfg, output=out, cache=cache, resume=FitRun.load(manifest_path(out)))
+    checkpoint_path(out).write_bytes(good[:len(good) // 2])  # truncated
+    with QueryCache(tmp_path / "cache.sqlite") as cache, pytest.raises(SettingsError, match="delete it"):
+        fit_adapter(data, backend, cfg, output=out, cache=cache, resume=FitRun.load(manifest_path(out)))
+    # the same fit with float16 answers is another fit: its checkpoint is not this one's; it replays instead
+    checkpoint_path(out).write_bytes(good)
+    half = FitConfig(**{**cfg.__dict__, "cache_precision": "float16"})
+    with QueryCache(tmp_path / "cache.sqlite") as cache:
+        r = fit_adapter(data, backend, half, output=out, cache=cache, resume=FitRun.load(manifest_path(out)))
+    assert len(r.record.history) == 9 and r.record.meter["paid_calls"] > 0
