@@ -189,3 +189,37 @@ def test_a_full_disk_says_so(tmp_path: Path) -> None:
             for k in range(100):
                 cache.put("b", "soft", {(f"p{k}", ""): np.zeros((64, 64), np.float32)})
         assert cache.get("b", "soft", [("p0", "")])  # what was stored before stays readable
+
+
+def test_half_kinds_store_float16_apart_from_float32_answers(tmp_path: Path) -> None:
+    a = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4) / 3
+    with QueryCache(tmp_path / "c.sqlite") as cache:
+        cache.put("b", "soft", {("k", ""): a})
+        cache.half_kinds = frozenset({"soft"})
+        assert cache.get("b", "soft", [("k", "")]) == {}  # a float32 answer is never handed to a float16 reader
+        cache.put("b", "soft", {("k", ""): a})
+        got = cache.get("b", "soft", [("k", "")])[("k", "")]
+        assert got.dtype == np.float32 and np.array_equal(got, a.astype(np.float16).astype(np.float32))
+        assert not np.array_equal(got, a)
+        sizes = {g["kind"]: g["value_bytes"] for g in cache.stats()["groups"]}
+        assert sizes == {"soft": 48, "soft@f16": 24}
+
+
+def test_cap_evicts_other_backends_first_and_never_what_a_resume_needs(tmp_path: Path) -> None:
+    row = np.zeros(256, np.float32)  # 1 KiB
+    with QueryCache(tmp_path / "c.sqlite") as cache:
+        mine = cache.register({"name": "mine"})
+        cache.put("other", "soft", {(f"o{i}", ""): row for i in range(4)})
+        cache.put(mine, "image", {("", "img"): row})
+        cache.put(mine, "soft", {(f"old{i}", ""): row for i in range(4)})
+        cut = time.time()
+        time.sleep(0.01)
+        cache.limit(7 * 1024, protect_since=cut)  # 9 KiB stored: the two oldest of the other backend go
+        assert cache.evicted == 2 and len(cache.get("other", "soft", [(f"o{i}", "") for i in range(4)])) == 2
+        cache.put(mine, "soft", {(f"new{i}", ""): row for i in range(4)})  # 11 KiB: 2 others, then 2 old of mine
+        assert len(cache.get("other", "soft", [(f"o{i}", "") for i in range(4)])) == 0
+        assert len(cache.get(mine, "soft", [(f"old{i}", "") for i in range(4)])) == 2
+        cache.put(mine, "soft", {(f"newer{i}", ""): row for i in range(4)})  # only protected answers are left...
+        kept = cache.get(mine, "soft", [(f"new{i}", "") for i in range(4)] + [(f"newer{i}", "") for i in range(4)])
+        assert len(kept) == 8 and cache.get(mine, "image", [("", "img")])  # ...so the cache grows past the cap
+        assert cache.get(mine, "soft", [(f"old{i}", "") for i in range(4)]) == {}
