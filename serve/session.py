@@ -53,7 +53,7 @@ def onnxruntime_conflict() -> str | None:
     if len(builds) < 2:
         return None
     names = " ".join(b.split("==")[0] for b in builds)
-    return (f"{' and '.join(builds)} are all installed; they write the same onnxruntime/ folder, so the last one "
+    return (f"{' and '.join(builds)} are installed together; they write the same onnxruntime/ folder, so the last one "
             "installed wins and uninstalling either breaks the other. Keep exactly one: "
             f"pip uninstall -y {names} && pip install onnxruntime-gpu (GPU) or pip install onnxruntime (CPU only)")
 
