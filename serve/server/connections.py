@@ -11,6 +11,12 @@ Here instead:
   without sending a complete head (what an attacker holds), never one with a request in progress.
 - :class:`InFlightLimit` bounds the requests being handled (not the sockets) and answers the excess with the
   server's JSON error, 503 and ``Retry-After``; health, readiness and metrics are always answered.
+- It also bounds the memory that request bodies take, all requests together (:data:`BODY_BUDGET_BYTES`): a body
+  is buffered, copied, parsed and base64-decoded, about ``BODY_COPIES`` times its size, for as long as its request
+  runs, so a thousand in-flight requests of 16 MB each would need gigabytes. Each chunk is charged as it
+  arrives, not by its declared length (a slow body declaring 16 MB would otherwise hold 64 MB for 30 s at no
+  cost to its sender), and a request ends with its charge given back. A chunk that does not fit is a JSON 503
+  with ``Retry-After`` at once: waiting instead could wedge the budget with half-read bodies.
 
 Body reads have their own deadline (:func:`craft_adapter.serve.server.inputs.read_body`).
 """
@@ -18,15 +24,22 @@ Body reads have their own deadline (:func:`craft_adapter.serve.server.inputs.rea
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import json
 import resource
 import time
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from craft_adapter.serve.server.inputs import ApiError
+
 HEAD_TIMEOUT_S = 10.0
+BODY_BUDGET_BYTES = 128 << 20
+MMAP_THRESHOLD_BYTES = 1 << 20
+BODY_COPIES = 4  # the read buffer and its bytes, the parsed JSON string and its base64-decoded bytes
 MAX_CONNECTIONS = 4096
 ALWAYS_ANSWERED = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -90,11 +103,31 @@ def _close_longest_waiting(connections: set[Any], keep: Any) -> None:
         min(idle, key=lambda c: c._waiting_since).transport.close()
 
 
-class InFlightLimit:
-    """At most ``limit`` requests handled at once; the rest get a JSON 503 with ``Retry-After`` (health excepted)."""
+class ByteBudget:
+    """Bytes in use, bounded; a reservation that does not fit is refused at once, so nothing ever waits on it."""
 
-    def __init__(self, app: ASGIApp, limit: int, retry_after_s: int = 1) -> None:
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.in_use = capacity, 0
+
+    def try_reserve(self, n: int) -> bool:
+        """Take ``n`` bytes if they fit."""
+        if self.in_use + n > self.capacity:
+            return False
+        self.in_use += n
+        return True
+
+    def release(self, n: int) -> None:
+        """Give ``n`` bytes back."""
+        self.in_use -= n
+
+
+class InFlightLimit:
+    """At most ``limit`` requests handled at once, their bodies within ``body_budget``; the rest get a JSON 503
+    with ``Retry-After`` (health excepted)."""
+
+    def __init__(self, app: ASGIApp, limit: int, retry_after_s: int = 1, body_budget: ByteBudget | None = None) -> None:
         self.app, self.limit, self.retry_after_s = app, limit, retry_after_s
+        self.body_budget = body_budget or ByteBudget(BODY_BUDGET_BYTES)
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -111,10 +144,27 @@ class InFlightLimit:
             await send({"type": "http.response.body", "body": body})
             return
         self.in_flight += 1
+        held = [0]
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, self._budgeted(receive, held), send)
         finally:
             self.in_flight -= 1
+            if held[0]:
+                self.body_budget.release(held[0])
+
+    def _budgeted(self, receive: Receive, held: list[int]) -> Receive:
+        """``receive``, charging each body chunk to the budget as it arrives (503 once the budget is full)."""
+        async def counted() -> Message:
+            message = await receive()
+            need = BODY_COPIES * len(message.get("body", b""))
+            if need:
+                if not self.body_budget.try_reserve(need):
+                    raise ApiError(503, "busy", "the server holds its limit of request bodies in memory; retry "
+                                   "shortly", {"Retry-After": str(self.retry_after_s)})
+                held[0] += need
+            return message
+
+        return counted
 
 
 def raise_open_file_limit() -> int:
@@ -128,3 +178,20 @@ def raise_open_file_limit() -> int:
         except (ValueError, OSError):
             pass
     return soft
+
+
+def return_big_frees() -> None:
+    """Have glibc serve allocations of 1 MB and more from their own mappings, so freeing one returns it at once.
+
+    By default glibc raises that threshold as big blocks are freed, after which decoded images, bodies and their
+    copies come from the heap and per-thread arenas, which keep freed memory: after a burst of bombs the server
+    stayed hundreds of MB above its working set. A no-op where the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return
+    if mallopt is not None:
+        mallopt(-3, MMAP_THRESHOLD_BYTES)  # M_MMAP_THRESHOLD, fixed: no more dynamic raising

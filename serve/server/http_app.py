@@ -45,7 +45,7 @@ from craft_adapter import __version__
 from craft_adapter.serve.server.access import AccessMiddleware
 from craft_adapter.serve.server.adapter_routes import AdapterEndpoints, MultiOptions, multi_info, read_images
 from craft_adapter.serve.server.adapter_store import AdapterStore, poll_forever
-from craft_adapter.serve.server.connections import GuardedH11Protocol, InFlightLimit
+from craft_adapter.serve.server.connections import GuardedH11Protocol, InFlightLimit, return_big_frees
 from craft_adapter.serve.server.inputs import ApiError, classify_options, decoded_all, hf_request
 from craft_adapter.serve.server.logs import SERVER_LOGGER, setup_logging
 from craft_adapter.serve.server.metrics import AdapterMetrics, ServerMetrics
@@ -208,6 +208,7 @@ def create_app(config: ServerConfig, key: Secret | None = None, adapters: str | 
     """
     key = config.vendor_key() if key is None else key
     setup_logging(config.log_level, key)
+    return_big_frees()
     adapters = adapters if adapters is not None else (config.adapters or None)
     metrics, options = ServerMetrics(), options or MultiOptions(
         config.adapters_memory_mb, config.adapters_poll_s, config.adapters_keep_versions, config.adapter_metrics_top_n)

@@ -7,7 +7,8 @@ original bytes are what the vendor receives, so it sees exactly the client's pix
 
 A small file can claim a huge image (a 2 KB WebP of 6320x6320 pixels decodes to about 550 MB), so decoding is
 bounded by what it will cost, not by what was sent: each image's size is read from its header first, its decode
-reserves that many bytes from one per-process :class:`DecodeBudget`, and every decode runs off the event loop.
+reserves that many bytes from one per-process :class:`DecodeBudget`, and every decode but a thumbnail's runs off
+the event loop.
 A request that cannot fit the budget even alone is 413; others wait their turn.
 """
 
@@ -21,17 +22,25 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from anyio import to_thread as anyio_threads
 from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
 SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF"})  # MPO: a phone's JPEG
-DECODE_BUDGET_BYTES = 256 << 20  # decoded bytes in flight per process, all requests together
+# the only PIL openers that may look at a body (less to attack, less to try); MPO comes from the JPEG opener
+OPENERS = sorted(SUPPORTED_FORMATS - {"MPO"})
+DECODE_BUDGET_BYTES = 192 << 20  # decoded bytes in flight per process, all requests together (a 40 M-pixel PNG fits)
 DECODE_BYTES_PER_PIXEL = {"WEBP": 14}  # libwebp decodes through RGBA and a copy (measured: 550 MB for 40 M px)
 DEFAULT_BYTES_PER_PIXEL = 4
+# a request this small (a thumbnail: at most 64 K pixels from at most 64 KB) decodes in well under a millisecond,
+# less than the hop to a worker thread and back costs, so it decodes on the event loop; all else goes off it
+INLINE_MAX_DECODED = 256 << 10
+INLINE_MAX_BYTES = 64 << 10
 BODY_READ_TIMEOUT_S = 30.0  # a body trickled in slower than this is abandoned (408), freeing its slot
+OFF_LOOP_BYTES = 64 << 10  # JSON bodies and base64 strings past this are parsed and decoded off the event loop
 RAW_TYPES = frozenset({"application/octet-stream", ""})
 TRUE = frozenset({"1", "true", "yes", "on"})
 
@@ -54,17 +63,21 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, "body_too_large", f"the body is {declared} bytes; the limit is {max_bytes}")
-    chunks, size = [], 0
+    # one growing buffer, not a list of 64 KB chunks joined at the end: past 1 MB it is its own mapping (see
+    # connections.return_big_frees), so a burst of big bodies leaves no fragmented heap behind
+    body = bytearray()
     try:
         async with asyncio.timeout(BODY_READ_TIMEOUT_S):
             async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_bytes:
+                if len(body) + len(chunk) > max_bytes:
                     raise ApiError(413, "body_too_large", f"the body is over the {max_bytes}-byte limit")
-                chunks.append(chunk)
+                body += chunk
     except TimeoutError:
         raise ApiError(408, "request_timeout", f"the body did not arrive within {BODY_READ_TIMEOUT_S:g} s") from None
-    return b"".join(chunks)
+    except ClientDisconnect:  # the client's fault and no bug: logged as 499 (nginx's code), never a 500
+        raise ApiError(499, "client_disconnected", "the client closed the connection before its body "
+                       "arrived") from None
+    return bytes(body)
 
 
 def checked_image(data: bytes, max_pixels: int) -> bytes:
@@ -72,7 +85,7 @@ def checked_image(data: bytes, max_pixels: int) -> bytes:
     if not data:
         raise ApiError(400, "bad_image", "the image is empty")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=OPENERS) as im:
             if im.format not in SUPPORTED_FORMATS:
                 raise ApiError(415, "unsupported_image", f"{im.format} images are not accepted; send one of "
                                f"{', '.join(sorted(SUPPORTED_FORMATS))}")
@@ -142,18 +155,7 @@ async def request_images(request: Request, max_bytes: int, max_batch: int, batch
     kind = media_type(request)
     body = await read_body(request, max_bytes)
     if kind == "application/json":
-        doc = json_body(body)
-        key = "images" if batch else "image"
-        value = doc.get(key) if isinstance(doc, dict) else None
-        if batch:
-            if not isinstance(value, list) or not value:
-                raise ApiError(400, "bad_request", 'a JSON batch is {"images": [<base64>, ...]}')
-            _check_count(len(value), max_batch)
-            return [from_base64(v, f"images[{i}]") for i, v in enumerate(value)]
-        if value is None:
-            raise ApiError(400, "bad_request", 'a JSON request is {"image": <base64>}; for several use the batch '
-                           "endpoint")
-        return [from_base64(value, "image")]
+        return await _off_loop(_json_images, body, max_batch, batch, size=len(body))
     if kind == "multipart/form-data":
         files = await multipart_files(request, body, max_batch)
         if not files:
@@ -168,6 +170,26 @@ async def request_images(request: Request, max_bytes: int, max_batch: int, batch
         return [body]
     raise ApiError(415, "unsupported_media_type", f"cannot read a {kind} body; send image bytes (image/* or "
                    "application/octet-stream), multipart/form-data, or application/json")
+
+
+def _json_images(body: bytes, max_batch: int, batch: bool) -> list[bytes]:
+    doc = json_body(body)
+    key = "images" if batch else "image"
+    value = doc.get(key) if isinstance(doc, dict) else None
+    if batch:
+        if not isinstance(value, list) or not value:
+            raise ApiError(400, "bad_request", 'a JSON batch is {"images": [<base64>, ...]}')
+        _check_count(len(value), max_batch)
+        return [from_base64(v, f"images[{i}]") for i, v in enumerate(value)]
+    if value is None:
+        raise ApiError(400, "bad_request", 'a JSON request is {"image": <base64>}; for several use the batch '
+                       "endpoint")
+    return [from_base64(value, "image")]
+
+
+async def _off_loop(fn: Callable[..., Any], *args: Any, size: int) -> Any:
+    """``fn(*args)``, in a worker thread when ``size`` bytes make it slow enough to stall every other request."""
+    return fn(*args) if size <= OFF_LOOP_BYTES else await anyio_threads.run_sync(fn, *args)
 
 
 def _check_count(n: int, max_batch: int) -> None:
@@ -215,10 +237,35 @@ class DecodeBudget:
 DECODE_BUDGET = DecodeBudget(DECODE_BUDGET_BYTES)
 
 
+def webp_canvas(data: bytes) -> tuple[int, int] | None:
+    """A WebP file's canvas size from its first chunk (VP8, VP8L or VP8X), or None if the header has none.
+
+    Read by hand because PIL's WebP opener builds libwebp's decoder, which allocates the whole canvas (160 MB for
+    40 M pixels) just to report the size: on the event loop, that is what a stream of tiny WebP bombs costs.
+    """
+    chunk = data[12:16]
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+    if chunk == b"VP8X" and len(data) >= 30:
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
 def decode_cost(data: bytes, max_pixels: int) -> int:
     """Bytes that decoding ``data`` will take, from its header alone; the same errors as :func:`checked_image`."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":  # never through PIL's opener on the event loop (see above)
+        size = webp_canvas(data)
+        if size is None:
+            raise ApiError(400, "bad_image", "the WebP header gives no canvas size; the image is damaged")
+        width, height = size
+        if width * height > max_pixels:
+            return 0  # refused by checked_image before its decoder exists
+        return width * height * DECODE_BYTES_PER_PIXEL["WEBP"]
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=OPENERS) as im:
             if im.format not in SUPPORTED_FORMATS:
                 return 0  # refused by checked_image without decoding
             width, height = im.size
@@ -233,11 +280,12 @@ def decode_cost(data: bytes, max_pixels: int) -> int:
 async def decoded_all(images: list[bytes], max_pixels: int,
                       to_thread: Callable[..., Awaitable[Any]] | None = None,
                       budget: DecodeBudget = DECODE_BUDGET) -> list[bytes]:
-    """Every image checked by :func:`checked_image`, decoded off the event loop within the decode ``budget``."""
+    """Every image checked by :func:`checked_image`, decoded within the decode ``budget``, off the event loop
+    unless the whole request is tiny (see :data:`INLINE_MAX_BYTES`)."""
     cost = sum(decode_cost(b, max_pixels) for b in images)
     await budget.reserve(cost)
     try:
-        if to_thread is None:
+        if to_thread is None or (cost <= INLINE_MAX_DECODED and sum(map(len, images)) <= INLINE_MAX_BYTES):
             return [checked_image(b, max_pixels) for b in images]
         return await to_thread(lambda: [checked_image(b, max_pixels) for b in images])
     finally:
@@ -253,6 +301,10 @@ async def hf_request(request: Request, max_bytes: int) -> tuple[bytes, list[str]
             return body, None
         raise ApiError(415, "unsupported_media_type", f"cannot read a {kind} body; send the Hugging Face JSON "
                        '{"inputs": <base64 image>, "parameters": {"candidate_labels": [...]}} or image bytes')
+    return await _off_loop(_hf_json, body, size=len(body))
+
+
+def _hf_json(body: bytes) -> tuple[bytes, list[str] | None]:
     doc = json_body(body)
     if not isinstance(doc, dict):
         raise ApiError(400, "bad_request", 'the body must be {"inputs": <base64 image>, "parameters": {...}}')
@@ -262,3 +314,4 @@ async def hf_request(request: Request, max_bytes: int) -> tuple[bytes, list[str]
                                or not all(isinstance(x, str) for x in labels) or len(set(labels)) != len(labels)):
         raise ApiError(400, "bad_request", "parameters.candidate_labels must be a list of distinct strings")
     return from_base64(doc.get("inputs"), "inputs"), labels
+
