@@ -23,7 +23,8 @@ FLAGS = {"vendor_url": "--vendor", "vendor_timeout_s": "--vendor-timeout", "requ
          "vendor_retries": "--retries", "backoff_base_s": "--backoff", "backoff_max_s": "--backoff-max",
          "vendor_key_env": "--key-env", "vendor_key_file": "--key-file", "vendor_auth_header": "--auth-header",
          "vendor_auth_scheme": "--auth-scheme", "graceful_timeout_s": "--graceful-timeout",
-         "adapters_poll_s": "--adapters-poll", "adapters_keep_versions": "--keep-versions"}
+         "adapters_poll_s": "--adapters-poll", "adapters_keep_versions": "--keep-versions",
+         "vendor_protocol": "--protocol"}
 PANELS = {"vendor": "The vendor behind the server", "limits": "Limits per worker",
           "adapters": "Many adapters (--adapters DIR)"}
 

@@ -53,7 +53,7 @@ def multi_info(config: ServerConfig, store: AdapterStore | None, authenticated: 
         "version": version,
         "adapters": {"source": str(store.root), "count": store.known(), "loaded": store.loaded_count(),
                      "memory_budget_bytes": store.budget_bytes or None},
-        "vendor": {"url": redact_url(config.vendor_url), "protocol": "hf-zero-shot-image-classification",
+        "vendor": {"url": redact_url(config.vendor_url), "protocol": config.vendor_api,
                    "authenticated": authenticated},
         "limits": {"max_body_bytes": config.max_body_bytes, "max_batch": config.max_batch,
                    "max_image_pixels": config.max_image_pixels, "request_timeout_s": config.request_timeout_s},

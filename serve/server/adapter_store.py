@@ -29,7 +29,7 @@ from craft_adapter.artifact.adapter_file import AdapterError
 from craft_adapter.serve.server.adapter_versions import Version, VersionTable, poll_forever
 from craft_adapter.serve.server.inputs import ApiError
 from craft_adapter.serve.server.logs import SERVER_LOGGER
-from craft_adapter.serve.server.service import AdapterService
+from craft_adapter.serve.server.service import ServedAdapter
 from craft_adapter.serve.shipped import ShippedAdapter
 
 __all__ = ["AdapterStore", "Loaded", "Version", "poll_forever"]
@@ -55,21 +55,22 @@ class Loaded:
     """A version with its service (refiner session, shared vendor client): what a request holds to the end."""
 
     version: Version
-    service: AdapterService
+    service: ServedAdapter
 
 
 class AdapterStore(VersionTable):
     """The adapters of one folder or registry file, loaded on demand into a memory-bounded LRU."""
 
     def __init__(self, root: str | Path, device: str = "cpu", budget_bytes: int = 0, keep_versions: int = 3,
-                 snapshot_dir: str | Path | None = None) -> None:
+                 snapshot_dir: str | Path | None = None, vendor: Any = None) -> None:
         super().__init__(root, keep_versions, snapshot_dir)
         self.device, self.budget_bytes = device, budget_bytes
+        self.vendor = vendor  # what the adapters must be servable in front of (None: the zero-shot client)
         self._lru: OrderedDict[str, Loaded] = OrderedDict()  # sha256 -> loaded (event loop only)
         self._loading: dict[str, asyncio.Future[Loaded]] = {}
         self.loaded_bytes = 0
         self._evicted = False  # since the last tick
-        self.make_service: Callable[[ShippedAdapter], AdapterService] | None = None  # set once the vendor client is
+        self.make_service: Callable[[ShippedAdapter], ServedAdapter] | None = None  # set once the vendor client is
 
     # -- resolving and loading (event loop) -----------------------------------------------------------------
 
@@ -116,12 +117,13 @@ class AdapterStore(VersionTable):
         started = time.perf_counter()
         try:
             adapter = await to_thread.run_sync(ShippedAdapter.load, version.snapshot, self.device)
+            service = self.make_service(adapter)  # refuses an adapter its vendor cannot serve
         except (AdapterError, OSError) as e:
             self.on_event("load", "failed")
             log.error("adapter %s version %s failed to load: %s", version.name, version.id, e,
                       extra={"fields": {"event": "adapter_load_failed", "adapter": version.name}})
             raise ApiError(503, "adapter_unavailable", f"{version.ref} cannot be loaded; see the server log") from None
-        loaded = Loaded(version, self.make_service(adapter))
+        loaded = Loaded(version, service)
         if not cache:
             return loaded
         self._lru[version.sha256] = loaded

@@ -1,4 +1,7 @@
-"""The adapter server: a shipped adapter in front of a zero-shot vendor, over HTTP (Starlette on uvicorn).
+"""The adapter server: a shipped adapter in front of its vendor, over HTTP (Starlette on uvicorn).
+
+The vendor speaks ``--protocol``: Hugging Face zero-shot through the async client (:mod:`.vendor_pool`), any other
+protocol (embedding APIs, plug-ins) through the runtime's vendor binding on worker threads (:mod:`.runtime_service`).
 
 Endpoints (errors answer ``{"error": message, "type": type}`` with the status below):
 
@@ -30,6 +33,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -49,7 +53,14 @@ from craft_adapter.serve.server.connections import GuardedH11Protocol, InFlightL
 from craft_adapter.serve.server.inputs import ApiError, classify_options, decoded_all, hf_request
 from craft_adapter.serve.server.logs import SERVER_LOGGER, setup_logging
 from craft_adapter.serve.server.metrics import AdapterMetrics, ServerMetrics
-from craft_adapter.serve.server.service import AdapterService, check_servable, top_answer, zero_shot_answer
+from craft_adapter.serve.server.runtime_service import RuntimeService, ThreadedVendor, protocol_vendor
+from craft_adapter.serve.server.service import (
+    AdapterService,
+    ServedAdapter,
+    check_servable,
+    top_answer,
+    zero_shot_answer,
+)
 from craft_adapter.serve.server.settings import ServerConfig
 from craft_adapter.serve.server.vendor_pool import VendorFailure, ZeroShotVendorClient
 from craft_adapter.serve.shipped import ShippedAdapter
@@ -89,11 +100,11 @@ class _Endpoints:
     def __init__(self, config: ServerConfig, adapter: ShippedAdapter | None, metrics: ServerMetrics,
                  key: Secret | None, store: AdapterStore | None = None) -> None:
         self.config, self.adapter, self.metrics, self.key, self.store = config, adapter, metrics, key, store
-        self.service: AdapterService | None = None
+        self.service: ServedAdapter | None = None
         self.live = False
         self._ready: tuple[float, str | None] = (0.0, "starting")  # (checked at, reason not ready)
 
-    def _service(self) -> AdapterService:
+    def _service(self) -> ServedAdapter:
         if self.service is None:
             raise ApiError(503, "not_ready", "the server is starting or stopping")
         return self.service
@@ -150,7 +161,7 @@ class _Endpoints:
             "version": __version__,
             "adapter": {"source": a.source, "classes": a.class_names, "template": a.template, "mode": a.mode,
                         "format_version": a.format_version, "refiner_providers": a.providers},
-            "vendor": {"url": redact_url(c.vendor_url), "protocol": "hf-zero-shot-image-classification",
+            "vendor": {"url": redact_url(c.vendor_url), "protocol": c.vendor_api,
                        "authenticated": self.key is not None},
             "limits": {"max_body_bytes": c.max_body_bytes, "max_batch": c.max_batch,
                        "max_image_pixels": c.max_image_pixels, "request_timeout_s": c.request_timeout_s},
@@ -213,13 +224,14 @@ def create_app(config: ServerConfig, key: Secret | None = None, adapters: str | 
     metrics, options = ServerMetrics(), options or MultiOptions(
         config.adapters_memory_mb, config.adapters_poll_s, config.adapters_keep_versions, config.adapter_metrics_top_n)
     adapter: ShippedAdapter | None = None
+    vendor = protocol_vendor(config, key)  # None: hf-zero-shot, through the async client
     if adapters is None and store is None:
         adapter = ShippedAdapter.load(config.adapter, config.device)
-        check_servable(adapter)
+        check_servable(adapter, vendor)
     else:
         if store is None:
             store = AdapterStore(adapters, config.device, int(options.memory_budget_mb * 2**20),
-                                 options.keep_versions)
+                                 options.keep_versions, vendor=vendor)
             store.refresh()
         metrics.adapters = AdapterMetrics(options.metrics_top_n)
         store.on_event = metrics.adapters.events.inc
@@ -229,14 +241,21 @@ def create_app(config: ServerConfig, key: Secret | None = None, adapters: str | 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         labels, template = (adapter.class_names, adapter.template) if adapter else ([], "{}")
-        client = ZeroShotVendorClient(config, labels, template, metrics, key)  # one pool for every adapter
+        client: ZeroShotVendorClient | ThreadedVendor  # one pool for every adapter
+        make_service: Callable[[ShippedAdapter], ServedAdapter]
+        if vendor is None:
+            client = ZeroShotVendorClient(config, labels, template, metrics, key)
+            make_service = partial(AdapterService, client=client)
+        else:
+            client = ThreadedVendor(vendor, config, metrics)
+            make_service = partial(RuntimeService, vendor=client)
         poller = None
         if adapter is not None:
-            endpoints.service = AdapterService(adapter, client)
+            endpoints.service = make_service(adapter)
             log.info("serving %s (%d classes) in front of %s", adapter.source, adapter.n_classes,
                      redact_url(config.vendor_url), extra={"fields": {"event": "startup"}})
         elif store is not None:
-            store.make_service = lambda a: AdapterService(a, client)
+            store.make_service = make_service
             poller = asyncio.create_task(poll_forever(store, options.poll_s))
             log.info("serving %d adapters from %s in front of %s", store.known(), store.root,
                      redact_url(config.vendor_url), extra={"fields": {"event": "startup"}})

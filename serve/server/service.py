@@ -1,6 +1,12 @@
 """The adapted classifier behind the server: vendor scores for every image, then the refiner, or a typed failure.
 
-A batch's vendor calls run concurrently (within the client's bound on calls in flight). If any image's call
+:class:`ServedAdapter` is what the routes use (``classify``, ``class_names``, ``index``, ``adapter``) and owns the
+refinement; two services fill in the vendor scores. :class:`AdapterService` here fronts a Hugging Face zero-shot
+vendor through the async client (:mod:`.vendor_pool`); :class:`~.runtime_service.RuntimeService` fronts any other
+protocol through the runtime's vendor binding. Both refine the same way, so an answer never depends on which
+one served it.
+
+Here, a batch's vendor calls run concurrently (within the client's bound on calls in flight). If any image's call
 fails, the whole request fails and the other calls are cancelled: no answer is ever built from part of a
 batch, or from a reply the client rejected. Each call carries this adapter's labels and template, so one
 vendor client serves any number of adapters.
@@ -11,29 +17,43 @@ from __future__ import annotations
 import asyncio
 import base64
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from craft_adapter.artifact.adapter_file import AdapterError
 from craft_adapter.serve.server.vendor_pool import VendorFailure, ZeroShotVendorClient
 from craft_adapter.serve.shipped import ShippedAdapter
+from craft_adapter.serve.vendor_binding import _returns as vendor_returns  # the runtime's rule, not a copy
 from craft_adapter.vendors.replies import SIGMOID, SOFTMAX, zero_shot_reply
 
 
-def servable_problem(mode: str, logit_kind: str, source: str) -> str | None:
-    """Why an adapter of this mode and logit kind cannot sit in front of a zero-shot vendor, or None."""
-    if mode != "text":
-        return (f"{source} was fitted with soft prompts (context vectors), which a zero-shot HTTP vendor cannot "
-                "take; refit it in text mode to serve it in front of a vendor URL")
-    if logit_kind not in (SOFTMAX, SIGMOID):
-        return (f"{source} was fitted on vendor {logit_kind}, but a zero-shot vendor returns probabilities; "
-                "refit it against the zero-shot vendor")
+def servable_problem(mode: str, logit_kind: str, source: str, vendor: Any = None) -> str | None:
+    """Why an adapter of this mode and logit kind cannot sit in front of ``vendor``, or None.
+
+    ``vendor`` None is the server's Hugging Face zero-shot client (probability scores); otherwise it is the vendor
+    :func:`~craft_adapter.vendors.registry.make_vendor` built, judged by what it returns and whether it takes
+    context vectors (``embed_soft``), as the runtime binds it (:mod:`craft_adapter.serve.vendor_binding`).
+    """
+    if mode != "text" and not callable(getattr(vendor, "embed_soft", None)):
+        return (f"{source} was fitted with soft prompts (context vectors), which a string API (a zero-shot or "
+                "embedding HTTP vendor) cannot take; serve the .safetensors file through a protocol whose vendor "
+                "accepts context vectors (embed_soft, e.g. a plug-in), or refit it in text mode")
+    if vendor is None:
+        if logit_kind not in (SOFTMAX, SIGMOID):
+            return (f"{source} was fitted on vendor {logit_kind}, but a zero-shot vendor returns probabilities; "
+                    "refit it against the zero-shot vendor, or serve it with the --protocol it was fitted through")
+        return None
+    returns = vendor_returns(vendor)
+    if returns is not None and returns != logit_kind:
+        return (f"{source} was fitted on vendor {logit_kind}, but this vendor returns {returns}; serve it with "
+                "the --protocol it was fitted through (hf-zero-shot for probabilities), or refit")
     return None
 
 
-def check_servable(adapter: ShippedAdapter) -> None:
-    """Raise :class:`AdapterError` unless ``adapter`` can sit in front of a zero-shot (probabilities) vendor."""
-    problem = servable_problem(adapter.mode, adapter.logit_kind, adapter.source)
+def check_servable(adapter: ShippedAdapter, vendor: Any = None) -> None:
+    """Raise :class:`AdapterError` unless ``adapter`` can sit in front of ``vendor`` (None: a zero-shot vendor)."""
+    problem = servable_problem(adapter.mode, adapter.logit_kind, adapter.source, vendor)
     if problem:
         raise AdapterError(problem)
 
@@ -46,18 +66,35 @@ class Classified:
     vendor_scores: np.ndarray
 
 
-class AdapterService:
-    """Scores images at the vendor with the learned prompt and refines them; holds no per-request state."""
+class ServedAdapter:
+    """An adapter behind the routes: its classes, and refinement of vendor scores; subclasses get the scores."""
 
-    def __init__(self, adapter: ShippedAdapter, client: ZeroShotVendorClient) -> None:
-        check_servable(adapter)
-        self.adapter, self.client = adapter, client
+    def __init__(self, adapter: ShippedAdapter) -> None:
+        self.adapter = adapter
         self.index = {name: i for i, name in enumerate(adapter.class_names)}
 
     @property
     def class_names(self) -> list[str]:
         """The adapter's classes, in score order."""
         return self.adapter.class_names
+
+    async def classify(self, images: list[bytes], deadline: float) -> Classified:
+        """Refined predictions for checked image bytes by ``deadline``, or a :class:`VendorFailure`."""
+        raise NotImplementedError
+
+    def classified(self, scores: np.ndarray) -> Classified:
+        """The refined answer for vendor scores ``[n, c]``, already checked complete and finite."""
+        _, probabilities = self.adapter.refine(scores)
+        return Classified(np.asarray(probabilities), scores)
+
+
+class AdapterService(ServedAdapter):
+    """Scores images at a zero-shot vendor with the learned prompt and refines them; no per-request state."""
+
+    def __init__(self, adapter: ShippedAdapter, client: ZeroShotVendorClient) -> None:
+        check_servable(adapter)
+        super().__init__(adapter)
+        self.client = client
 
     async def classify(self, images: list[bytes], deadline: float) -> Classified:
         """Refined predictions for checked image bytes, or the first :class:`VendorFailure` of the batch."""
@@ -73,9 +110,7 @@ class AdapterService:
             except* VendorFailure as failures:
                 raise failures.exceptions[0] from None
             rows = [t.result() for t in tasks]
-        scores = np.stack(rows)  # [n, c], each row checked complete and finite by the client
-        _, probabilities = self.adapter.refine(scores)
-        return Classified(np.asarray(probabilities), scores)
+        return self.classified(np.stack(rows))  # [n, c], each row checked complete and finite by the client
 
 
 def top_answer(names: list[str], probabilities: np.ndarray, vendor_scores: np.ndarray | None,

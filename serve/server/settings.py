@@ -17,8 +17,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from craft_adapter.vendors.credentials import DEFAULT_KEY_ENV, Secret, check_vendor_url, read_key
+from craft_adapter.vendors.registry import available_protocols
 
 ENV_PREFIX = "CRAFT_SERVE_"
+HF_ZERO_SHOT = "hf-zero-shot"  # the protocol the server's own async client speaks (.vendor_pool)
 
 
 def setting(default: Any, help_text: str, group: str = "server") -> Any:
@@ -35,7 +37,7 @@ def required(help_text: str) -> Any:
 class ServerConfig:
     """Everything ``craft-adapter serve`` can be told; validated on creation. Each field's help text is the CLI's."""
 
-    vendor_url: str = required("Zero-shot vendor endpoint URL (Hugging Face protocol).")
+    vendor_url: str = required("Vendor endpoint URL (or an embedding API's base URL); --protocol says which API.")
     adapter: str = setting("", "The shipped adapter: .safetensors or exported .onnx (or use --adapters).")
     adapters: str = setting("", "Serve many adapters: a folder of NAME.safetensors / NAME.onnx files, or a registry "
                             "JSON {\"adapters\": {NAME: path}}; each at /v1/adapters/NAME/..., reloaded on change.",
@@ -53,6 +55,10 @@ class ServerConfig:
     workers: int = setting(1, "Worker processes sharing the port.")
     # the refiner is tiny: CPU answers in microseconds without a GPU round trip
     device: str = setting("cpu", "Refiner device: cpu, auto or cuda.")
+    vendor_protocol: str = setting(HF_ZERO_SHOT, "The vendor's API: hf-zero-shot, openai-embeddings, cohere, voyage, "
+                                   "embedding-api or an installed plug-in's name; serve adapters fitted through it.",
+                                   "vendor")
+    vendor_model: str = setting("", "Model name sent to an embedding API (hf-zero-shot names it in the URL).", "vendor")
     vendor_timeout_s: float = setting(10.0, "Seconds for one vendor call.", "vendor")
     request_timeout_s: float = setting(30.0, "Seconds for a whole client request, retries and waits included.",
                                        "vendor")
@@ -95,8 +101,26 @@ class ServerConfig:
             raise ValueError(f"port must be 0-65535, got {self.port}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        self._check_protocol()
         if self.log_level not in ("critical", "error", "warning", "info", "debug"):
             raise ValueError(f"log level must be critical, error, warning, info or debug, got {self.log_level!r}")
+
+    def _check_protocol(self) -> None:
+        if self.vendor_protocol not in available_protocols():  # built-ins, registrations, installed plug-ins
+            raise ValueError(f"unknown vendor protocol {self.vendor_protocol!r}; known: "
+                             f"{', '.join(available_protocols())}")
+        if self.vendor_protocol == HF_ZERO_SHOT and self.vendor_model:
+            raise ValueError("hf-zero-shot takes the model in the endpoint URL; --vendor-model is for the other "
+                             "protocols")
+        if self.vendor_protocol != HF_ZERO_SHOT and (self.vendor_auth_header, self.vendor_auth_scheme) != (
+                "Authorization", "Bearer"):
+            raise ValueError(f"--auth-header and --auth-scheme are for --protocol hf-zero-shot; "
+                             f"{self.vendor_protocol} sends its key as its API documents")
+
+    @property
+    def vendor_api(self) -> str:
+        """The vendor's API as ``/v1/info`` names it."""
+        return "hf-zero-shot-image-classification" if self.vendor_protocol == HF_ZERO_SHOT else self.vendor_protocol
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerConfig:
