@@ -30,7 +30,7 @@ PANELS = {"vendor": "The vendor behind the server", "limits": "Limits per worker
 
 
 def serve_cmd(**given: Any) -> None:
-    """Serve ADAPTER (or every adapter in --adapters DIR) over HTTP in front of a zero-shot vendor."""
+    """Serve ADAPTER (or every adapter in --adapters DIR) over HTTP in front of its vendor (--protocol)."""
     from craft_adapter.artifact.adapter_file import AdapterError
     from craft_adapter.serve.server.settings import ServerConfig
 
@@ -59,6 +59,7 @@ def _run(config: Any, key: Any) -> None:
     from craft_adapter.serve.server.adapter_store import AdapterStore
     from craft_adapter.serve.server.connections import raise_open_file_limit
     from craft_adapter.serve.server.http_app import create_app, uvicorn_options
+    from craft_adapter.serve.server.runtime_service import protocol_vendor
     from craft_adapter.serve.server.service import check_servable
     from craft_adapter.serve.shipped import ShippedAdapter
 
@@ -66,10 +67,11 @@ def _run(config: Any, key: Any) -> None:
     if config.workers == 1:
         app: Any = create_app(config, key)
     else:  # fail here, not in every worker
+        vendor = protocol_vendor(config, key)
         if config.adapters:
-            AdapterStore(config.adapters, config.device).refresh()
+            AdapterStore(config.adapters, config.device, vendor=vendor).refresh()
         else:
-            check_servable(ShippedAdapter.load(config.adapter, config.device))
+            check_servable(ShippedAdapter.load(config.adapter, config.device), vendor)
         os.environ.update(config.to_env())  # each worker rebuilds the config from these
         app = "craft_adapter.serve.server.http_app:app_from_env"
     uv = uvicorn.Config(app, host=config.host, port=config.port, workers=config.workers,

@@ -5,7 +5,7 @@
   ``{"adapters": {"NAME": "path", ...}}`` (relative paths are relative to it). Names are ``[A-Za-z0-9._-]``.
 - **Versions.** A version is the sha256 of the file's bytes, shown as its first 12 hex digits.
 - **Hot reload.** :meth:`VersionTable.refresh` stats every file and reads only those whose size or mtime
-  changed. New bytes are checked (header, tensors, metadata, servable in front of a zero-shot vendor) and
+  changed. New bytes are checked (header, tensors, metadata, servable in front of the server's vendor) and
   copied into a content-addressed snapshot folder *before* they become current, in one assignment under a
   lock. A bad file is refused with an error log line and the old version stays current. Snapshots are
   immutable, so a version's bytes never change under it, and the last ``keep_versions`` versions of a name
@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from anyio import to_thread
 
@@ -76,8 +77,9 @@ class Version:
         return f"{self.name}@{self.id}"
 
 
-def check_adapter_bytes(raw: bytes, suffix: str, source: str) -> tuple[list[str], str]:
-    """Class names and template of adapter bytes, after every check; :class:`AdapterError` if bad."""
+def check_adapter_bytes(raw: bytes, suffix: str, source: str, vendor: Any = None) -> tuple[list[str], str]:
+    """Class names and template of adapter bytes, after every check (servable in front of ``vendor``, None: the
+    zero-shot client; see :func:`.service.servable_problem`); :class:`AdapterError` if bad."""
     if suffix == ".onnx":
         fields = check_refiner_onnx(raw, source)
         names, template, mode, kind = list(fields["class_names"]), fields["template"], fields["mode"], \
@@ -85,7 +87,7 @@ def check_adapter_bytes(raw: bytes, suffix: str, source: str) -> tuple[list[str]
     else:
         a = Adapter.from_bytes(raw, source)
         names, template, mode, kind = a.class_names, a.template, a.mode, a.logit_kind
-    problem = servable_problem(mode, kind, source)
+    problem = servable_problem(mode, kind, source, vendor)
     if problem:
         raise AdapterError(problem)
     return names, template
@@ -118,6 +120,7 @@ class VersionTable:
         self._current: dict[str, Version] = {}
         self._history: dict[str, list[Version]] = {}  # name -> retained versions, oldest first
         self.on_event: Callable[[str, str], None] = lambda kind, outcome: None  # metrics hook
+        self.vendor: Any = None  # what every version must be servable in front of (None: the zero-shot client)
 
     def files(self) -> dict[str, Path]:
         """Adapter name -> file, from the folder or the registry; names that collide are refused and logged."""
@@ -179,7 +182,7 @@ class VersionTable:
             known = next((v for v in self._history.get(name, []) if v.sha256 == sha), None)
         if known is None:
             try:
-                names, template = check_adapter_bytes(raw, path.suffix, str(path))
+                names, template = check_adapter_bytes(raw, path.suffix, str(path), self.vendor)
             except AdapterError as e:
                 old = self._current.get(name)
                 keeps = f"; version {old.id} keeps serving" if old else ""

@@ -178,7 +178,6 @@ def test_soft_prompts_need_a_vendor_that_takes_context_vectors():
 
 # the folder's versions are checked at refresh by adapter_versions.check_adapter_bytes, which checks them against
 # the zero-shot client only until it passes the store's vendor on (a 5-line change, not this file's to make)
-@pytest.mark.xfail(strict=True, reason="adapter_versions does not yet pass the store's vendor to servable_problem")
 def test_many_adapters_behind_an_embedding_protocol(backend, tmp_path):
     folder = tmp_path / "adapters"
     folder.mkdir()
