@@ -172,7 +172,8 @@ def main() -> None:
     plan = sorted({(p, seed, b) for b in args.budgets for seed in args.seeds for p in both}
                   | {(p, 1, b) for b in args.seed1_budgets for p in both}
                   | {(p, seed, b) for b in args.hf_budgets for seed in args.seeds for p in hf}
-                  | {(p, 1, b) for b in args.hf_seed1_budgets for p in hf}, key=lambda r: (r[2], r[1], r[0]))
+                  | {(p, 1, b) for b in args.hf_seed1_budgets for p in hf}, key=lambda r: (r[1], r[2], r[0]))
+    # seed by seed, so that what is written after each run (the file is rewritten every time) is a whole grid row
     try:
         test = TestSubset(args.test_n)
         zs = {p: zero_shot(url, p, test) for p, url in urls.items()}
@@ -185,13 +186,13 @@ def main() -> None:
         for protocol, seed, budget in plan:
             history = protocol == "openai-embeddings" and longest.get(seed) == budget  # each seed's longest fit
             runs[names[protocol]].append(run_fit(protocol, urls[protocol], seed, budget, test, out, history))
+            result = report(runs, zs, plan, args, time.time() - t0)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+            plot(result, args.out.with_suffix(".png"))
     finally:
         for proc, _ in procs.values():
             proc.terminate()
             proc.wait(timeout=30)
-    result = report(runs, zs, plan, args, time.time() - t0)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, args.out.with_suffix(".png"))
     print(json.dumps(result["table"], indent=1))
     print(json.dumps(result["embedding_calls_to_reach_hf"], indent=1))
 
@@ -204,16 +205,15 @@ def report(runs: dict[str, list[dict]], zs: dict[str, float], plan: list, args, 
                        for b in sorted({r["budget"] for r in rows})}
     table["zero-shot (hand template, no fit)"] = {p: round(100 * a, 2) for p, a in zs.items()}
     hf_rows = runs["HF scoring route (hf-zero-shot)"]
-    top = max(r["budget"] for r in hf_rows)
-    target = statistics.mean(r["accuracy"] for r in hf_rows if r["budget"] == top)
-    hist = [r for r in runs["embedding route (openai-embeddings)"] if "history" in r]
-    seeds = sorted({r["seed"] for r in hist if r["budget"] == max(h["budget"] for h in hist)} or {1})
+    top = max((r["budget"] for r in hf_rows), default=None)
+    target = statistics.mean(r["accuracy"] for r in hf_rows if r["budget"] == top) if hf_rows else float("nan")
+    hist = [r for r in runs["embedding route (openai-embeddings)"] if "history" in r]  # each seed's longest fit
+    seeds = sorted({r["seed"] for r in hist})
     curve: dict[int, list[float]] = {}
-    for r in hist:  # the longest history per seed
-        if r["budget"] == max(h["budget"] for h in hist if h["seed"] == r["seed"]):
-            for calls, acc in r["history"]:
-                curve.setdefault(calls, []).append(acc)
-    mean_curve = {c: statistics.mean(a) for c, a in sorted(curve.items()) if len(a) == len(curve[min(curve)])}
+    for r in hist:
+        for calls, acc in r["history"]:
+            curve.setdefault(calls, []).append(acc)
+    mean_curve = {c: statistics.mean(a) for c, a in sorted(curve.items()) if len(a) == len(seeds)}
     reach = next((c for c, a in mean_curve.items() if a >= target), None)
     return {
         "table": table,
@@ -225,7 +225,8 @@ def report(runs: dict[str, list[dict]], zs: dict[str, float], plan: list, args, 
             "calls_to_reach": reach,
             "note": "first checkpoint at which the embedding fits' current prompt + refiner (mean over seeds, "
                     "before hold-out selection) reach the HF route's mean test accuracy at its largest budget"},
-        "runs": runs, "plan": [{"route": p, "seed": s, "budget": b} for p, s, b in plan],
+        "complete": sum(map(len, runs.values())) == len(plan), "runs": runs,
+        "plan": [{"route": p, "seed": s, "budget": b} for p, s, b in plan],
         "test_images": f"{args.test_n} of the 10,000 shifted test images, drawn with numpy seed 0",
         "shots": 16, "command": "python benchmarks/protocol_accuracy.py " + " ".join(sys.argv[1:]),
         "total_s": round(total_s, 1),
@@ -242,6 +243,8 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name in ROUTES:
         rows = result["table"][name]
+        if not rows:
+            continue
         xs = [int(b) for b in rows]
         ax.errorbar(xs, [rows[b]["mean"] for b in rows], yerr=[rows[b]["std"] or 0 for b in rows], marker="o",
                     capsize=3, label=name)
