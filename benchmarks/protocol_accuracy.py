@@ -20,6 +20,7 @@ the HF route's accuracy at its largest budget.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -42,22 +43,22 @@ LADDER = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)  # history 
 ROUTES = {"embedding route (openai-embeddings)": "openai-embeddings", "HF scoring route (hf-zero-shot)": "hf-zero-shot"}
 
 
-def serve_openai(port: int) -> None:
+def serve_openai(port: int, device: str = "cpu") -> None:
     """Child process: the reference vendor behind the OpenAI-compatible embeddings server, until killed."""
     use_passive_omp_wait()
     from craft_adapter.testing.fake_embedding_servers import FakeEmbeddingServer
     from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
     server = FakeEmbeddingServer("openai-embeddings", OpenClipBackend(f"local-dir:{REFERENCE_VENDOR_DIR}",
-                                                                      device="cpu"), port=port)
+                                                                      device=device), port=port)
     print(f"serving at {server.url}", flush=True)
     server.serve_forever()
 
 
-def start(kind: str) -> tuple[subprocess.Popen, str]:
-    """A vendor in its own process; its URL from the first line it prints."""
-    cmd = ([sys.executable, "-m", "craft_adapter.cli", "vendor", "--port", "0", "--device", "cpu"] if kind == "hf"
-           else [sys.executable, __file__, "--serve-openai"])
+def start(kind: str, device: str = "cpu") -> tuple[subprocess.Popen, str]:
+    """A vendor in its own process (the model on ``device``); its URL from the first line it prints."""
+    cmd = ([sys.executable, "-m", "craft_adapter.cli", "vendor", "--port", "0", "--device", device] if kind == "hf"
+           else [sys.executable, __file__, "--serve-openai", "--device", device])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     return proc, line.split(" at ")[1].strip()
@@ -160,13 +161,19 @@ def main() -> None:
     ap.add_argument("--hf-seed1-budgets", type=int, nargs="*", default=[], help="HF route only, seed 1")
     ap.add_argument("--test-n", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=RESULTS / "protocol_accuracy.json")
+    ap.add_argument("--device", default="cpu", help="where the vendors run their model (cpu or cuda)")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[],
+                    help="instead of running: merge the runs of these result files (e.g. one per seed) into --out")
     args = ap.parse_args()
     if args.serve_openai:
-        serve_openai(0)
+        serve_openai(0, args.device)
+        return
+    if args.merge:
+        merge(args)
         return
     use_passive_omp_wait()  # before torch loads
     t0 = time.time()
-    procs = {kind: start(kind) for kind in ("hf", "openai")}
+    procs = {kind: start(kind, args.device) for kind in ("hf", "openai")}
     urls = {"hf-zero-shot": procs["hf"][1], "openai-embeddings": procs["openai"][1]}
     both, hf = list(ROUTES.values()), ["hf-zero-shot"]
     plan = sorted({(p, seed, b) for b in args.budgets for seed in args.seeds for p in both}
@@ -188,13 +195,33 @@ def main() -> None:
             runs[names[protocol]].append(run_fit(protocol, urls[protocol], seed, budget, test, out, history))
             result = report(runs, zs, plan, args, time.time() - t0)
             args.out.write_text(json.dumps(result, indent=1) + "\n")
-            plot(result, args.out.with_suffix(".png"))
+            if importlib.util.find_spec("matplotlib"):
+                plot(result, args.out.with_suffix(".png"))
     finally:
         for proc, _ in procs.values():
             proc.terminate()
             proc.wait(timeout=30)
     print(json.dumps(result["table"], indent=1))
     print(json.dumps(result["embedding_calls_to_reach_hf"], indent=1))
+
+
+def merge(args: argparse.Namespace) -> None:
+    """One result from several partial ones (each run once, e.g. one seed per process or machine)."""
+    parts = [json.loads(p.read_text()) for p in args.merge]
+    runs: dict[str, list[dict]] = {name: [] for name in ROUTES}
+    plan: list[tuple[str, int, int]] = []
+    for part in parts:
+        for name in ROUTES:
+            runs[name] += part["runs"][name]
+        plan += [(r["route"], r["seed"], r["budget"]) for r in part["plan"]]
+    zs = {p: a / 100 for p, a in parts[0]["table"]["zero-shot (hand template, no fit)"].items()}
+    args.test_n = int(parts[0]["test_images"].split()[0])
+    result = report(runs, zs, sorted(set(plan), key=lambda r: (r[1], r[2], r[0])), args,
+                    sum(p["total_s"] for p in parts))
+    result["merged_from"] = [p["command"] for p in parts]
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    print(json.dumps(result["table"], indent=1))
 
 
 def report(runs: dict[str, list[dict]], zs: dict[str, float], plan: list, args, total_s: float) -> dict:
