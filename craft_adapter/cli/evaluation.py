@@ -102,15 +102,18 @@ def eval_cmd(
 
 def _through_vendor(adapter: Path | None, test: Any, template: str, batch_size: int, url: str, protocol: str,
                     vendor_model: str | None, key_env: str | None, key_file: Path | None, device: str) -> dict:
-    from craft_adapter.serve import load_runtime
+    from craft_adapter.serve import AdapterRuntime, ShippedAdapter
     from craft_adapter.training.evaluate import evaluate_runtime, prompt_scores, recorded_backend
-    from craft_adapter.vendors.credentials import DEFAULT_KEY_ENV, check_vendor_url, read_key
+    from craft_adapter.vendors.credentials import DEFAULT_KEY_ENV, read_key
     from craft_adapter.vendors.registry import make_vendor
+    from craft_adapter.vendors.replies import SIGMOID
 
+    shipped = ShippedAdapter.load(adapter, device) if adapter is not None else None
+    # a zero-shot vendor's score kind is what the adapter was fitted on (recorded in it), never a guess
+    options = {"scores": "sigmoid"} if shipped is not None and shipped.logit_kind == SIGMOID else {}
     try:
-        check_vendor_url(url)
         key = read_key(key_env or DEFAULT_KEY_ENV, str(key_file or ""))
-        client = make_vendor(protocol, url, key=key, model=vendor_model)
+        client = make_vendor(protocol, url, key=key, model=vendor_model, **options)
     except ValueError as e:  # a bad URL or key file, an unknown protocol, settings it does not take
         raise fail(str(e)) from None
     where = {"scored_by": "vendor", "protocol": protocol, "backend": dict(getattr(client, "identity", {}))}
@@ -118,7 +121,7 @@ def _through_vendor(adapter: Path | None, test: Any, template: str, batch_size: 
         if adapter is None:
             zs = prompt_scores(client, test.class_names, template, test.images, batch_size)
             return {**where, **_zero_shot_only(zs, test, template), **_calls(client)}
-        runtime = load_runtime(adapter, client, device)
+        runtime = AdapterRuntime(shipped, client)
         _same_classes(runtime.class_names, test.class_names)
         ev = evaluate_runtime(runtime, test.images, test.labels, vendor=client, zero_shot_template=template,
                               batch_size=batch_size)

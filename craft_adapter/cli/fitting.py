@@ -50,15 +50,17 @@ def setting_options() -> list[inspect.Parameter]:
 
 def load_vendor(opts: dict, key: Secret | None, timeout: float) -> Any:
     """The fit's vendor, made by the registry from ``--vendor``, ``--protocol`` and ``--vendor-model`` (the URL is
-    checked there); ``--auth-header``/``--auth-scheme`` go to ``hf-zero-shot``, the one protocol that takes them."""
+    checked there); ``--auth-header``/``--auth-scheme``/``--vendor-scores`` go to ``hf-zero-shot``, the one protocol
+    that takes them."""
     from craft_adapter.vendors.registry import BUILTIN, make_vendor
 
     protocol, options = opts["protocol"], {}
     if protocol == "hf-zero-shot":
-        options = {"auth_header": opts["auth_header"], "auth_scheme": opts["auth_scheme"]}
-    elif (opts["auth_header"], opts["auth_scheme"]) != ("Authorization", "Bearer"):
-        raise fail(f"--auth-header and --auth-scheme are for --protocol hf-zero-shot; {protocol} sends its key as "
-                   "its API documents")
+        options = {"auth_header": opts["auth_header"], "auth_scheme": opts["auth_scheme"],
+                   "scores": opts["vendor_scores"]}
+    elif (opts["auth_header"], opts["auth_scheme"], opts["vendor_scores"]) != ("Authorization", "Bearer", "softmax"):
+        raise fail(f"--auth-header, --auth-scheme and --vendor-scores are for --protocol hf-zero-shot; {protocol} "
+                   "sends its key and returns its scores as its API documents")
     if protocol in BUILTIN:  # a plug-in's factory may take no timeout
         options["timeout"] = timeout
     try:
@@ -98,7 +100,7 @@ def _vendor_key(opts: dict) -> Secret | None:
 
 # How a fit was invoked, kept in its manifest so that ``fit -o ADAPTER --resume`` needs nothing else.
 INVOCATION = ("data", "model", "weights", "vendor", "protocol", "vendor_model", "cache", "key_env", "key_file",
-              "auth_header", "auth_scheme", "price_per_1k")
+              "auth_header", "auth_scheme", "vendor_scores", "price_per_1k")
 
 
 def _invocation(opts: dict) -> dict:
@@ -159,6 +161,9 @@ def fit_cmd(
     = "Authorization",
     auth_scheme: Annotated[str, typer.Option(help="Scheme before the key; empty sends it bare.",
                                              rich_help_panel=RUN)] = "Bearer",
+    vendor_scores: Annotated[str, typer.Option(
+        help="hf-zero-shot: softmax (scores sum to 1) or sigmoid (independent scores, e.g. SigLIP). A softmax "
+        "vendor whose first reply does not sum to 1 stops the fit at once.", rich_help_panel=RUN)] = "softmax",
     **settings: Any,  # one option per FitConfig field: see setting_options()
 ) -> None:
     """Learn an adapter (prompt + refiner) for a few-shot image folder against a black-box backend."""

@@ -39,12 +39,13 @@ class VendorRegistryError(ValueError):
 
 
 def _hf_zero_shot(url: str, *, key: Secret | None = None, model: str | None = None, timeout: float = 60.0,
-                  auth_header: str = "Authorization", auth_scheme: str = "Bearer") -> Any:
+                  auth_header: str = "Authorization", auth_scheme: str = "Bearer", scores: str = "softmax") -> Any:
     from craft_adapter.vendors.http_clients import HttpZeroShotVendor
 
     if model is not None:
         raise VendorRegistryError("hf-zero-shot takes the model in the endpoint URL, not as model=")
-    return HttpZeroShotVendor(url, headers=auth_headers(key, auth_header, auth_scheme), timeout=timeout)
+    return HttpZeroShotVendor(url, headers=auth_headers(key, auth_header, auth_scheme), timeout=timeout,
+                              scores=scores)
 
 
 def _embedding_api(url: str, *, key: Secret | None = None, model: str | None = None, timeout: float = 60.0,

@@ -123,3 +123,33 @@ def test_a_text_fit_against_a_sigmoid_vendor(stub: StubVendor) -> None:
     with pytest.raises(VendorStopped, match="sigmoid"):
         fit_adapter(shots, HttpZeroShotVendor(stub.url + "/"), FitConfig(**TEXT))
     assert total_calls(stub) - before <= TEXT["concurrency"]  # the calls already in flight, no retries
+
+
+def test_the_cli_fits_a_declared_sigmoid_vendor_and_evaluates_it_through_that_vendor(stub: StubVendor,
+                                                                                     tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from craft_adapter.cli import app
+
+    stub.scores = "sigmoid"
+    data = tmp_path / "shots"
+    for c, name in enumerate(LABELS):
+        (data / name).mkdir(parents=True)
+        for i, im in enumerate(random_images(5, seed=10 + c)):
+            im.save(data / name / f"{i}.png")
+    out = tmp_path / "a.safetensors"
+    args = ["fit", "--vendor", stub.url + "/", "--vendor-scores", "sigmoid", "--data", str(data), "-o", str(out),
+            "--no-cache", *[f"--{k.replace('_', '-')}={v}" for k, v in TEXT.items()]]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert Adapter.load(out).logit_kind == "independent_probabilities"
+    report = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, ["eval", str(out), "--vendor", stub.url + "/", "--data", str(data),
+                                      "--json", str(report)])
+    assert result.exit_code == 0, result.output  # the eval's vendor reads sigmoid scores: the adapter says so
+    assert json.loads(report.read_text())["n_images"] == 15
+    other = [str(tmp_path / "b.safetensors") if a == str(out) else a for a in args]
+    refused = CliRunner().invoke(app, [*other, "--protocol", "openai-embeddings"])
+    assert refused.exit_code == 2 and "--vendor-scores" in refused.output
