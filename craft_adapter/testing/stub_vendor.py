@@ -40,6 +40,8 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -287,6 +289,18 @@ def serve_stub_in_thread(stub: StubVendor) -> threading.Thread:
     thread = threading.Thread(target=stub.serve_forever, name="stub-vendor", daemon=True)
     thread.start()
     return thread
+
+
+@contextmanager
+def running_stub(**settings: Any) -> Iterator[StubVendor]:
+    """A :class:`StubVendor` with ``settings`` served in a thread on loopback, shut down and closed after."""
+    stub = StubVendor(**settings)
+    serve_stub_in_thread(stub)
+    try:
+        yield stub
+    finally:
+        stub.shutdown()
+        stub.server_close()
 
 
 def main(argv: list[str] | None = None) -> None:

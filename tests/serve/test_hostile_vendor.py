@@ -26,7 +26,7 @@ from server_process import ServerProcess
 
 from craft_adapter.artifact.synthetic import synthetic_adapter
 from craft_adapter.testing.hostile_replies import echo_form
-from craft_adapter.testing.stub_vendor import StubVendor, serve_stub_in_thread, stub_probabilities
+from craft_adapter.testing.stub_vendor import StubVendor, running_stub, stub_probabilities
 
 # isort: split
 from craft_adapter.serve.server.metrics import ServerMetrics
@@ -55,11 +55,8 @@ def proc_mb(pid: int, field: str) -> float:
 
 @pytest.fixture(scope="module")
 def stub() -> Iterator[StubVendor]:
-    s = StubVendor()
-    serve_stub_in_thread(s)
-    yield s
-    s.shutdown()
-    s.server_close()
+    with running_stub() as s:
+        yield s
 
 
 @pytest.fixture(autouse=True)

@@ -30,7 +30,7 @@ from craft_adapter.serve.server.adapter_routes import MultiOptions
 from craft_adapter.serve.server.http_app import create_app
 from craft_adapter.serve.server.logs import SERVER_LOGGER
 from craft_adapter.serve.server.settings import ServerConfig
-from craft_adapter.testing.stub_vendor import StubVendor, serve_stub_in_thread, stub_probabilities
+from craft_adapter.testing.stub_vendor import StubVendor, running_stub, stub_probabilities
 
 
 def png(seed: int) -> bytes:
@@ -90,11 +90,8 @@ class ServerThread:
 
 @pytest.fixture(scope="module")
 def stub() -> Iterator[StubVendor]:
-    s = StubVendor()
-    serve_stub_in_thread(s)
-    yield s
-    s.shutdown()
-    s.server_close()
+    with running_stub() as s:
+        yield s
 
 
 @pytest.fixture

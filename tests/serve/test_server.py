@@ -28,7 +28,7 @@ from craft_adapter.artifact.synthetic import synthetic_adapter
 
 # isort: split
 # (serve/ installs as craft_adapter.serve; ruff cannot place it, so it sorts apart)
-from craft_adapter.testing.stub_vendor import StubVendor, serve_stub_in_thread, stub_probabilities
+from craft_adapter.testing.stub_vendor import StubVendor, running_stub, stub_probabilities
 
 NAMES = ["t-shirt", "trouser", "pullover", "dress"]
 SECRET = "sk-test-9f3b2c71d4e8a6"  # must never appear in anything the server says or logs
@@ -58,11 +58,8 @@ def adapter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Adapter, Path]:
 
 @pytest.fixture(scope="module")
 def stub() -> Iterator[StubVendor]:
-    s = StubVendor(hang_s=1.0, retry_after="0")
-    serve_stub_in_thread(s)
-    yield s
-    s.shutdown()
-    s.server_close()
+    with running_stub(hang_s=1.0, retry_after="0") as s:
+        yield s
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from conftest import random_images
 
 from craft_adapter.blackbox.meter import QueryMeter
 from craft_adapter.blackbox.retried_calls import Caller, RetryPolicy, VendorUnavailable
-from craft_adapter.testing.stub_vendor import StubVendor, serve_stub_in_thread, stub_probabilities
+from craft_adapter.testing.stub_vendor import StubVendor, running_stub, stub_probabilities
 from craft_adapter.vendors.credentials import Secret, auth_headers
 from craft_adapter.vendors.faults import VendorError
 from craft_adapter.vendors.http_clients import HttpZeroShotVendor, image_base64
@@ -39,11 +39,8 @@ IMAGE = random_images(1, seed=5)[0]
 
 @pytest.fixture
 def stub() -> Iterator[StubVendor]:
-    vendor = StubVendor()
-    serve_stub_in_thread(vendor)
-    yield vendor
-    vendor.shutdown()
-    vendor.server_close()
+    with running_stub() as vendor:
+        yield vendor
 
 
 def expected() -> np.ndarray:

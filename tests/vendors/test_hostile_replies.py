@@ -19,7 +19,7 @@ import pytest
 from conftest import random_images
 
 from craft_adapter.testing.hostile_replies import ECHO_ENCODINGS, echo_form
-from craft_adapter.testing.stub_vendor import StubVendor, serve_stub_in_thread
+from craft_adapter.testing.stub_vendor import StubVendor, running_stub
 from craft_adapter.vendors.faults import VendorError
 from craft_adapter.vendors.http_clients import HttpZeroShotVendor
 from craft_adapter.vendors.http_limits import MAX_REPLY_BYTES, BodyReader
@@ -57,11 +57,8 @@ class Recorder(ThreadingHTTPServer):
 
 @pytest.fixture(scope="module")
 def stub() -> Iterator[StubVendor]:
-    s = StubVendor()
-    serve_stub_in_thread(s)
-    yield s
-    s.shutdown()
-    s.server_close()
+    with running_stub() as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

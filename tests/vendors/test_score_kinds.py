@@ -16,7 +16,7 @@ from craft_adapter.artifact.adapter_file import Adapter, AdapterError, refiner_i
 from craft_adapter.artifact.synthetic import synthetic_adapter
 from craft_adapter.blackbox.meter import QueryMeter
 from craft_adapter.blackbox.retried_calls import Caller, RetryPolicy, VendorUnavailable
-from craft_adapter.testing.stub_vendor import StubVendor, serve_stub_in_thread, stub_probabilities
+from craft_adapter.testing.stub_vendor import StubVendor, running_stub, stub_probabilities
 from craft_adapter.training.api import VendorStopped
 from craft_adapter.training.image_sets import LabeledImages
 from craft_adapter.vendors.faults import VendorError
@@ -34,11 +34,8 @@ TEXT = {"shots": 4, "prompt": "text", "budget": 60, "text_children": 4, "text_el
 
 @pytest.fixture()
 def stub() -> Iterator[StubVendor]:
-    s = StubVendor()
-    serve_stub_in_thread(s)
-    yield s
-    s.shutdown()
-    s.server_close()
+    with running_stub() as s:
+        yield s
 
 
 def total_calls(stub: StubVendor) -> int:
