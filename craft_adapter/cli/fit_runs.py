@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from craft_adapter.cli.shared import EXIT_INTERRUPTED, EXIT_VENDOR, err, fail, out, train_data
+from craft_adapter.cli.shared import EXIT_INTERRUPTED, EXIT_VENDOR, err, fail, out, shown, train_data
 
 if TYPE_CHECKING:
     from craft_adapter.blackbox.query_cache import QueryCache
@@ -90,8 +90,9 @@ def summary(output: Path, outcome: FitOutcome) -> None:
     f, m = outcome.adapter.fit, outcome.record.meter
     held = "n/a" if f["holdout_acc"] is None else f"{100 * f['holdout_acc']:.1f}%"
     price = f", about ${f['estimated_price']:.2f}" if "estimated_price" in f else ""
-    out.print(f"wrote [bold]{output}[/] ({output.stat().st_size} bytes): {f['queries']} queries, "
+    out.print(f"wrote [bold]{shown(output)}[/] ({output.stat().st_size} bytes): {f['queries']} queries, "
               f"{f['vendor_calls']} vendor calls{price} (budget {f['budget']} {outcome.config.budget_unit}), "
-              f"held-out accuracy {held}, {outcome.record.wall_time_s:.1f}s; prompt {outcome.adapter.template!r}")
+              f"held-out accuracy {held}, {outcome.record.wall_time_s:.1f}s; prompt "
+              f"{shown(repr(outcome.adapter.template))}")
     out.print(f"vendor calls this run: {m['paid_calls']} paid, {m['cached_calls']} answered by the query cache, "
               f"{m['failed_calls']} failed (retried)")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from craft_adapter.artifact.adapter_file import AdapterWriteError, check_writable
 from craft_adapter.training.config import FitConfig
 from craft_adapter.training.image_sets import DataError, LabeledImages, load_image_folder, sample_k_shot
 
@@ -48,6 +49,15 @@ class VendorStopped(FitError):
 
 class CacheFailed(FitError):
     """The query cache could not keep an answer; the fit stopped rather than use it. Earlier answers are kept."""
+
+
+class OutputFailed(FitError):
+    """The adapter could not be written where asked (full disk, read-only folder); ``rescued`` is where it was
+    written instead, if anywhere, so the answers paid for it are not lost."""
+
+    def __init__(self, message: str, rescued: Path | None = None) -> None:
+        self.rescued = rescued
+        super().__init__(message + (f"; the adapter was written to {rescued} instead" if rescued else ""))
 
 
 class ResumeConflict(FitError):
@@ -194,6 +204,14 @@ def fit_adapter(data: str | Path | LabeledImages | Sequence[Image.Image],
     if isinstance(backend, str):
         backend = vendor_from_url(backend, protocol, timeout=cfg.timeout)
     train = few_shot_set(data, cfg, labels, class_names)
+    if len(train.class_names) < 2:
+        raise SettingsError(f"the few-shot data has one class ({train.class_names[0]!r}); a classifier needs at "
+                            "least two, and a fit would pay for nothing")
+    if output is not None:
+        try:  # before the first paid call, not after the whole budget
+            check_writable(output)
+        except AdapterWriteError as e:
+            raise OutputFailed(str(e)) from e
     try:
         box, hold, y_train, y_hold = metered_boxes(backend, train, cfg, cache)
     except (TypeError, ValueError) as e:
@@ -206,9 +224,12 @@ def fit_adapter(data: str | Path | LabeledImages | Sequence[Image.Image],
             raise ResumeConflict(problems)
     if output is not None:
         job.start(Path(output), run)
+    # issue 17: the cache's precision and cap, and the soft-mode resume checkpoints beside the output
+    checkpoints = job.prepare(None if output is None else Path(output), run, cfg, cache, resume is not None)
     try:
         scale = choose_temperature(box, hold, y_train, cfg.template)
-        result = fit(box, hold, y_train, y_hold if hold else None, cfg, on_generation=on_progress)
+        result = fit(box, hold, y_train, y_hold if hold else None, cfg, on_generation=on_progress,
+                     checkpoints=checkpoints)
     except VendorUnavailable as e:
         raise VendorStopped(str(e)) from e
     except CacheError as e:
@@ -224,5 +245,8 @@ def fit_adapter(data: str | Path | LabeledImages | Sequence[Image.Image],
                        resumed=resume is not None, cache=None if cache is None else str(cache.path))
     outcome = FitOutcome(result.adapter, record, cfg)
     if output is not None:
-        job.finish(Path(output), outcome, run)
+        try:
+            job.finish(Path(output), outcome, run)
+        except AdapterWriteError as e:  # paid for, so never lost: keep it where it can be written
+            raise OutputFailed(str(e), job.rescue(outcome.adapter, Path(output))) from e
     return outcome

@@ -9,6 +9,8 @@ the adapter is written. No typer and no rich here: the command line draws and pr
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING
 from craft_adapter.training.resume import FitRun, manifest_path
 
 if TYPE_CHECKING:
+    from craft_adapter.artifact.adapter_file import Adapter
     from craft_adapter.blackbox.query_cache import QueryCache
     from craft_adapter.training.api import FitOutcome
     from craft_adapter.training.checkpoint import Checkpoints
@@ -63,3 +66,12 @@ def finish(output: Path, outcome: FitOutcome, run: FitRun) -> None:
     run.status = "done"
     run.save(manifest_path(output))
     checkpoint_path(output).unlink(missing_ok=True)
+
+
+def rescue(adapter: Adapter, output: Path) -> Path | None:
+    """Write ``adapter`` to the temporary folder when ``output`` cannot take it; where it went, or None."""
+    target = Path(tempfile.gettempdir()) / f"{output.stem}.rescued-{os.getpid()}{output.suffix or '.safetensors'}"
+    try:
+        return adapter.save(target)
+    except OSError:
+        return None

@@ -21,6 +21,7 @@ from craft_adapter.training.api import (
     CacheFailed,
     FitError,
     FitOutcome,
+    OutputFailed,
     ResumeConflict,
     SettingsError,
     VendorStopped,
@@ -164,3 +165,45 @@ def test_importing_the_package_loads_no_torch_and_sets_nothing() -> None:
     assert {"fit_adapter", "FitConfig", "FitError"} <= set(dir(craft_adapter))
     with pytest.raises(AttributeError):
         craft_adapter.no_such_name  # noqa: B018
+
+
+class CountingBackend:
+    """Wraps a backend and counts the calls that reach it (what a vendor would bill)."""
+
+    def __init__(self, inner: OpenClipBackend) -> None:
+        self.inner, self.calls = inner, 0
+        self.capabilities, self.identity, self.logit_scale = inner.capabilities, inner.identity, inner.logit_scale
+
+    def __getattr__(self, name: str):
+        method = getattr(self.inner, name)
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return method(*args, **kwargs)
+        return counted
+
+
+def test_one_class_and_an_unwritable_output_are_refused_before_anything_is_paid(backend, shots, tmp_path) -> None:
+    counting = CountingBackend(backend)
+    one = LabeledImages(shots.images[:4], np.zeros(4, np.int64), ["bag"])
+    with pytest.raises(SettingsError, match="one class"):
+        fit_adapter(one, counting, FitConfig(**SMALL))
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(OutputFailed, match="cannot write"):
+        fit_adapter(shots, counting, FitConfig(**SMALL), output=tmp_path / "a-file" / "adapter.safetensors")
+    assert counting.calls == 0
+
+
+def test_an_adapter_that_cannot_be_written_at_the_end_is_rescued(backend, shots, tmp_path) -> None:
+    out = tmp_path / "adapter.safetensors"
+
+    def fill_the_disk(state) -> None:  # after the output was checked: the disk fills up during the fit
+        tmp = out.with_name(out.name + ".tmp")
+        if not tmp.exists():
+            tmp.symlink_to("/dev/full")
+
+    with pytest.raises(OutputFailed, match="written to .*rescued") as failed:
+        fit_adapter(shots, backend, FitConfig(**SMALL), output=out, on_progress=fill_the_disk)
+    rescued = failed.value.rescued
+    assert rescued is not None and Adapter.load(rescued).class_names == CLASSES and not out.exists()
+    rescued.unlink()
