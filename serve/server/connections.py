@@ -52,12 +52,13 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         """Accept the socket (making room if over the cap) and start its head deadline."""
-        super().connection_made(transport)  # type: ignore[arg-type]
+        super().connection_made(CorkedTransport(transport, self.loop))  # type: ignore[arg-type]
         self._head_timer: asyncio.TimerHandle | None = None
+        self._waiting = _waiting_heads(self.server_state)
         self._waiting_since = time.monotonic()
         self._arm()
         if len(self.connections) > self.max_connections:
-            _close_longest_waiting(self.connections, keep=self)
+            _close_longest_waiting(self._waiting, keep=self)
 
     def data_received(self, data: bytes) -> None:
         """Feed uvicorn; once a request head is complete, its deadline is off."""
@@ -84,23 +85,99 @@ class GuardedH11Protocol(H11Protocol):
     def _arm(self) -> None:
         self._disarm()
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+        self._waiting[self] = None  # now the newest waiter
 
     def _disarm(self) -> None:
         timer = getattr(self, "_head_timer", None)
         if timer is not None:
             timer.cancel()
             self._head_timer = None
+        waiting = getattr(self, "_waiting", None)
+        if waiting is not None:
+            waiting.pop(self, None)
 
     def _head_timed_out(self) -> None:
         if self.waiting_for_head() and not self.transport.is_closing():
             self.transport.close()
 
 
-def _close_longest_waiting(connections: set[Any], keep: Any) -> None:
-    idle = [c for c in connections if c is not keep and isinstance(c, GuardedH11Protocol) and c.waiting_for_head()
-            and not c.transport.is_closing()]
-    if idle:
-        min(idle, key=lambda c: c._waiting_since).transport.close()
+class CorkedTransport:
+    """A socket transport whose writes within one event-loop step leave as one ``send``.
+
+    uvicorn writes a response's head and body separately, two sends where one would do; on loopback each send
+    also runs the receiver's TCP path on the sender's CPU, so they were the largest single cost of a request.
+    The writes are gathered and sent at the end of the step (at once past ``CORK_BYTES``, and before a close).
+    """
+
+    CORK_BYTES = 64 << 10
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop = transport, loop
+        self._pending: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` for the step's one send."""
+        if not data:
+            return
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(data)
+        self._size += len(data)
+        if self._size > self.CORK_BYTES:
+            self.flush()
+
+    def writelines(self, lines: Any) -> None:
+        """Queue each of ``lines``."""
+        for data in lines:
+            self.write(data)
+
+    def flush(self) -> None:
+        """Send what is queued."""
+        if self._pending:
+            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending.clear()
+            self._size = 0
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        """Send what is queued, then close."""
+        self.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        """Send what is queued, then half-close."""
+        self.flush()
+        self._transport.write_eof()
+
+    def is_closing(self) -> bool:
+        """Whether the socket is closing (asked for every socket when the cap is reached: kept off __getattr__)."""
+        return self._transport.is_closing()
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes queued here and in the socket transport."""
+        return self._size + self._transport.get_write_buffer_size()
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the socket transport's own
+        return getattr(self._transport, name)
+
+
+def _waiting_heads(server_state: Any) -> dict[GuardedH11Protocol, None]:
+    """The server's sockets that wait for a request head, oldest first (a dict keeps insertion order)."""
+    waiting = getattr(server_state, "waiting_heads", None)
+    if waiting is None:
+        waiting = server_state.waiting_heads = {}
+    return waiting
+
+
+def _close_longest_waiting(waiting: dict[GuardedH11Protocol, None], keep: GuardedH11Protocol) -> None:
+    # the oldest waiter is first: no scan of every socket per connection past the cap (that was quadratic, and
+    # at a 4,096 cap each new socket of a flood held the event loop for milliseconds)
+    for c in waiting:
+        if c is not keep and not c.transport.is_closing():
+            c.transport.close()
+            return
 
 
 class ByteBudget:
