@@ -4,7 +4,8 @@
 
 The stub vendor runs in its own process; this process POSTs it the zero-shot request the server sends (the
 reference labels, a base64 PNG) from ``--concurrency`` closed loops, first through httpx exactly as the server
-does (``send_capped_async``: streamed, capped, sharded pools of 8), then through one aiohttp session, and
+does (``send_capped_async``: streamed, capped, sharded pools of 8), through the same pools with a plain
+``post`` (what the streamed, capped read adds), then through one aiohttp session (capped read), and
 reports this process's CPU time per call for each (both are measured with the same driver loop, so the
 difference is the client's own cost). It sizes the gain of a leaner vendor client in the server.
 """
@@ -40,6 +41,9 @@ async def run(client: str, url: str, body: bytes, args: argparse.Namespace) -> d
     async def one(i: int) -> bool:
         if client == "httpx":
             r = await send_capped_async(pools[i % shards], "POST", url, cap=cap, content=body)
+            return r.status_code == 200 and len(json.loads(r.content)) == len(CLASS_NAMES)
+        if client == "httpx_plain":  # no streamed, capped read: what the reply contract costs on top
+            r = await pools[i % shards].post(url, content=body)
             return r.status_code == 200 and len(json.loads(r.content)) == len(CLASS_NAMES)
         async with session.post(url, data=body, headers={"Content-Type": "application/json"},
                                 allow_redirects=False) as r:
@@ -79,7 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         stub = start_stub(Path(tmp) / "stub.log", args.latency)
         try:
-            for client in ("httpx", "aiohttp", "httpx", "aiohttp"):
+            for client in ("httpx", "httpx_plain", "aiohttp", "httpx", "httpx_plain", "aiohttp"):
                 print(json.dumps(asyncio.run(run(client, stub.url + "/", body, args))), flush=True)
         finally:
             stub.stop()
