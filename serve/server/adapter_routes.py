@@ -23,7 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from craft_adapter.serve.server.adapter_store import AdapterStore, Loaded
-from craft_adapter.serve.server.inputs import ApiError, classify_options, decoded_all, hf_request, request_images
+from craft_adapter.serve.server.image_decoding import decoded_all
+from craft_adapter.serve.server.inputs import ApiError, classify_options, hf_request, request_images
 from craft_adapter.serve.server.metrics import ServerMetrics
 from craft_adapter.serve.server.service import top_answer, zero_shot_answer
 from craft_adapter.serve.server.settings import ServerConfig

@@ -50,7 +50,8 @@ from craft_adapter.serve.server.access import AccessMiddleware
 from craft_adapter.serve.server.adapter_routes import AdapterEndpoints, MultiOptions, multi_info, read_images
 from craft_adapter.serve.server.adapter_store import AdapterStore, poll_forever
 from craft_adapter.serve.server.connections import GuardedH11Protocol, InFlightLimit, return_big_frees
-from craft_adapter.serve.server.inputs import ApiError, classify_options, decoded_all, hf_request
+from craft_adapter.serve.server.image_decoding import decoded_all
+from craft_adapter.serve.server.inputs import ApiError, classify_options, hf_request
 from craft_adapter.serve.server.logs import SERVER_LOGGER, setup_logging
 from craft_adapter.serve.server.metrics import AdapterMetrics, ServerMetrics
 from craft_adapter.serve.server.runtime_service import RuntimeService, ThreadedVendor, protocol_vendor

@@ -39,7 +39,8 @@ from PIL import Image
 
 from craft_adapter.artifact.adapter_file import AdapterError
 from craft_adapter.serve.runtime import AdapterRuntime
-from craft_adapter.serve.server.inputs import DECODE_BUDGET, ApiError, decode_cost
+from craft_adapter.serve.server.image_decoding import DECODE_BUDGET, decode_cost
+from craft_adapter.serve.server.inputs import ApiError
 from craft_adapter.serve.server.metrics import ServerMetrics
 from craft_adapter.serve.server.service import Classified, ServedAdapter, check_servable
 from craft_adapter.serve.server.settings import HF_ZERO_SHOT, ServerConfig
