@@ -24,9 +24,9 @@ from starlette.responses import JSONResponse, Response
 
 from craft_adapter.serve.server.adapter_store import AdapterStore, Loaded
 from craft_adapter.serve.server.image_decoding import decoded_all
-from craft_adapter.serve.server.inputs import ApiError, classify_options, hf_request, request_images
+from craft_adapter.serve.server.inputs import classify_options, request_images
 from craft_adapter.serve.server.metrics import ServerMetrics
-from craft_adapter.serve.server.service import top_answer, zero_shot_answer
+from craft_adapter.serve.server.service import refined_zero_shot, top_answer
 from craft_adapter.serve.server.settings import ServerConfig
 from craft_adapter.vendors.credentials import redact_url
 
@@ -130,17 +130,10 @@ class AdapterEndpoints:
             for p, v in zip(result.probabilities, result.vendor_scores, strict=True)]})
 
     async def _hf_zero_shot(self, request: Request, loaded: Loaded, deadline: float) -> Response:
-        service = loaded.service
-        image, labels = await hf_request(request, self.config.max_body_bytes)
-        unknown = [label for label in labels or [] if label not in service.index]
-        if unknown:
-            raise ApiError(400, "unknown_labels", f"candidate labels {unknown[:5]} are not classes of adapter "
-                           f"{loaded.version.name}; it knows {service.class_names[:20]}")
-        request.state.images = 1
-        checked = await decoded_all([image], self.config.max_image_pixels, to_thread.run_sync)
-        result = await service.classify(checked, deadline)
+        answer = await refined_zero_shot(loaded.service, request, self.config, deadline,
+                                         f"adapter {loaded.version.name}")
         self._count(loaded, 1)
-        return JSONResponse(zero_shot_answer(service.class_names, service.index, result.probabilities[0], labels))
+        return JSONResponse(answer)
 
     async def listing(self, request: Request) -> Response:
         """GET /v1/adapters: every adapter, its versions and what is loaded."""

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from anyio import to_thread
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -50,8 +49,7 @@ from craft_adapter.serve.server.access import AccessMiddleware
 from craft_adapter.serve.server.adapter_routes import AdapterEndpoints, MultiOptions, multi_info, read_images
 from craft_adapter.serve.server.adapter_store import AdapterStore, poll_forever
 from craft_adapter.serve.server.connections import GuardedH11Protocol, InFlightLimit, return_big_frees
-from craft_adapter.serve.server.image_decoding import decoded_all
-from craft_adapter.serve.server.inputs import ApiError, classify_options, hf_request
+from craft_adapter.serve.server.inputs import ApiError, classify_options
 from craft_adapter.serve.server.logs import SERVER_LOGGER, setup_logging
 from craft_adapter.serve.server.metrics import AdapterMetrics, ServerMetrics
 from craft_adapter.serve.server.runtime_service import RuntimeService, ThreadedVendor, protocol_vendor
@@ -59,8 +57,8 @@ from craft_adapter.serve.server.service import (
     AdapterService,
     ServedAdapter,
     check_servable,
+    refined_zero_shot,
     top_answer,
-    zero_shot_answer,
 )
 from craft_adapter.serve.server.settings import ServerConfig
 from craft_adapter.serve.server.vendor_pool import VendorFailure, ZeroShotVendorClient
@@ -140,18 +138,9 @@ class _Endpoints:
 
     async def hf_zero_shot(self, request: Request) -> Response:
         """POST / (Hugging Face zero-shot-image-classification shape), answered with refined probabilities."""
-        service = self._service()
-        deadline = self._deadline()
-        image, labels = await hf_request(request, self.config.max_body_bytes)
-        unknown = [label for label in labels or [] if label not in service.index]
-        if unknown:
-            raise ApiError(400, "unknown_labels", f"candidate labels {unknown[:5]} are not classes of this adapter; "
-                           f"it knows {service.class_names[:20]}")
-        request.state.images = 1
-        checked = await decoded_all([image], self.config.max_image_pixels, to_thread.run_sync)
-        result = await service.classify(checked, deadline)
+        answer = await refined_zero_shot(self._service(), request, self.config, self._deadline(), "this adapter")
         self.metrics.images.inc()
-        return JSONResponse(zero_shot_answer(service.class_names, service.index, result.probabilities[0], labels))
+        return JSONResponse(answer)
 
     async def info(self, request: Request) -> Response:
         """GET /v1/info: what this server serves, and its limits."""

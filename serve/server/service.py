@@ -20,8 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from anyio import to_thread
 
 from craft_adapter.artifact.adapter_file import AdapterError
+from craft_adapter.serve.server.image_decoding import decoded_all
+from craft_adapter.serve.server.inputs import ApiError, hf_request
 from craft_adapter.serve.server.vendor_pool import VendorFailure, ZeroShotVendorClient
 from craft_adapter.serve.shipped import ShippedAdapter
 from craft_adapter.serve.vendor_binding import _returns as vendor_returns  # the runtime's rule, not a copy
@@ -135,3 +138,17 @@ def zero_shot_answer(names: list[str], index: dict[str, int], probabilities: np.
     # between them, so they share it equally rather than dividing 0 by 0
     p = p / total if total > 0 else np.full(len(p), 1.0 / len(p))
     return zero_shot_reply([names[i] for i in picked], p)
+
+
+async def refined_zero_shot(service: ServedAdapter, request: Any, config: Any, deadline: float, who: str) -> list:
+    """The Hugging Face zero-shot answer to ``request`` from ``service``: the refined probabilities over the
+    candidate labels (all classes when none are given), best first; 400 for a label ``who`` does not know."""
+    image, labels = await hf_request(request, config.max_body_bytes)
+    unknown = [label for label in labels or [] if label not in service.index]
+    if unknown:
+        raise ApiError(400, "unknown_labels", f"candidate labels {unknown[:5]} are not classes of {who}; it knows "
+                       f"{service.class_names[:20]}")
+    request.state.images = 1
+    checked = await decoded_all([image], config.max_image_pixels, to_thread.run_sync)
+    result = await service.classify(checked, deadline)
+    return zero_shot_answer(service.class_names, service.index, result.probabilities[0], labels)
