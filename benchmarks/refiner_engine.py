@@ -19,7 +19,6 @@ per call (the input already preprocessed, as both engines receive it) and the on
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -37,6 +36,9 @@ from craft_adapter.artifact.synthetic import synthetic_adapter
 
 # isort: split
 from craft_adapter.serve.session import make_session
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling benchmark scripts
+from runtime_overhead import time_us  # noqa: E402 (one timer for both refiner benchmarks)
 
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TOLERANCE = 1e-6
@@ -74,22 +76,6 @@ def helper_bytes(adapter: Adapter) -> bytes | None:
     except ImportError:
         return None
     return helper_build(adapter)
-
-
-def time_us(fn: Callable[[], object], reps: int, warmup: int = 200) -> dict[str, float]:
-    """Median and p99 of ``reps`` timed calls, in microseconds (garbage collector paused)."""
-    for _ in range(warmup):
-        fn()
-    samples = np.empty(reps)
-    gc.disable()
-    try:
-        for i in range(reps):
-            t0 = time.perf_counter_ns()
-            fn()
-            samples[i] = time.perf_counter_ns() - t0
-    finally:
-        gc.enable()
-    return {"median_us": float(np.median(samples) / 1e3), "p99_us": float(np.percentile(samples, 99) / 1e3)}
 
 
 def once_ms(fn: Callable[[], object], reps: int = 20) -> float:
