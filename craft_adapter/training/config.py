@@ -89,7 +89,8 @@ class FitConfig:
     holdout_shots: int | None = setting(None, "Shots per class held out to choose the prompt and refiner; default "
                                         "shots // 4.")
     eval_every: int = setting(10, "Generations between hold-out checks (1 query each).")
-    # scale (issue 17): operational; float16 answers change the adapter, so they are opt-in
+    # scale (issue 17): operational, except cache_precision (float16 answers change the adapter, so it is opt-in
+    # and decisive: recorded when it is not float32, so adapters fitted before it existed keep their bytes)
     memory_budget_mb: float = setting(512.0, "Memory for scoring a generation: the fitness is computed a few "
                                       "candidates (and images) at a time within it; same adapter as one pass.",
                                       "operational")
@@ -97,7 +98,7 @@ class FitConfig:
                                     "generations (and on Ctrl-C or a vendor stop); 0: never.", "operational")
     cache_precision: Literal["float32", "float16"] = setting(
         "float32", "Soft mode: precision of the context answers kept in the query cache and used by the fit; "
-        "float16 halves the cache but changes the adapter (measured: benchmarks/results/scale.json).", "operational")
+        "float16 halves the cache but changes the adapter (measured: benchmarks/results/scale.json).")
     cache_max_mb: float | None = setting(None, "Cap on the query cache's answers; over it the oldest answers of "
                                          "other backends, then of this one that no resume needs, are evicted.",
                                          "operational")
@@ -159,7 +160,7 @@ class FitConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The decisive settings, for the adapter's fit summary and the resume manifest (operational ones are not)."""
-        skip = operational_settings()
+        skip = operational_settings() | ({"cache_precision"} if self.cache_precision == "float32" else set())
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
     @property

@@ -105,3 +105,15 @@ def test_a_damaged_checkpoint_is_refused_and_another_fits_is_ignored(backend: Op
     with QueryCache(tmp_path / "cache.sqlite") as cache:
         r = fit_adapter(data, backend, half, output=out, cache=cache, resume=FitRun.load(manifest_path(out)))
     assert len(r.record.history) == 9 and r.record.meter["paid_calls"] > 0
+
+
+def test_float16_answers_are_a_decisive_setting_recorded_only_when_chosen() -> None:
+    from craft_adapter.training.config import FitConfig
+    from craft_adapter.training.resume import FitRun
+
+    assert "cache_precision" not in FitConfig().to_dict()  # adapters fitted before the setting keep their bytes
+    f16 = FitConfig(cache_precision="float16").to_dict()
+    assert f16["cache_precision"] == "float16"
+    started = FitRun(f16, {"name": "b"}, "digest", {})
+    assert started.conflicts(FitConfig().to_dict(), {"name": "b"}, "digest")  # a resume cannot switch precision
+    assert not started.conflicts(f16, {"name": "b"}, "digest")
