@@ -11,7 +11,7 @@ from conftest import random_images
 
 from craft_adapter import FitConfig, fit_adapter
 from craft_adapter.blackbox.query_cache import QueryCache
-from craft_adapter.training.api import SettingsError
+from craft_adapter.training.api import ResumeConflict, SettingsError
 from craft_adapter.training.checkpoint import checkpoint_path
 from craft_adapter.training.image_sets import LabeledImages
 from craft_adapter.training.refiner import chunk_plan
@@ -99,12 +99,11 @@ def test_a_damaged_checkpoint_is_refused_and_another_fits_is_ignored(backend: Op
     checkpoint_path(out).write_bytes(good[:len(good) // 2])  # truncated
     with QueryCache(tmp_path / "cache.sqlite") as cache, pytest.raises(SettingsError, match="delete it"):
         fit_adapter(data, backend, cfg, output=out, cache=cache, resume=FitRun.load(manifest_path(out)))
-    # the same fit with float16 answers is another fit: its checkpoint is not this one's; it replays instead
+    # the same fit with float16 answers is another fit (it finds another adapter): resuming into it is refused
     checkpoint_path(out).write_bytes(good)
     half = FitConfig(**{**cfg.__dict__, "cache_precision": "float16"})
-    with QueryCache(tmp_path / "cache.sqlite") as cache:
-        r = fit_adapter(data, backend, half, output=out, cache=cache, resume=FitRun.load(manifest_path(out)))
-    assert len(r.record.history) == 9 and r.record.meter["paid_calls"] > 0
+    with QueryCache(tmp_path / "cache.sqlite") as cache, pytest.raises(ResumeConflict, match="cache_precision"):
+        fit_adapter(data, backend, half, output=out, cache=cache, resume=FitRun.load(manifest_path(out)))
 
 
 def test_float16_answers_are_a_decisive_setting_recorded_only_when_chosen() -> None:
