@@ -103,3 +103,13 @@ def test_unit_rows() -> None:
     x = np.float32([[3, 4], [0, 0]])
     np.testing.assert_allclose(unit_rows(x), [[0.6, 0.8], [0, 0]])
     assert unit_rows([[[1.0, 0.0]]]).shape == (1, 1, 2) and unit_rows(x).dtype == np.float32
+
+
+def test_a_score_of_1e400_is_a_clear_vendor_error_not_a_crash() -> None:
+    from craft_adapter.vendors.faults import VendorError
+    from craft_adapter.vendors.replies import parse_zero_shot
+
+    body = b'[{"label": "a", "score": 1e400}, {"label": "b", "score": 0.0}]'  # JSON's 1e400 is inf in Python
+    with pytest.raises(VendorError, match="inf") as refused:
+        parse_zero_shot(body, ["a", "b"])
+    assert refused.value.transient
