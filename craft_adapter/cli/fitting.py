@@ -52,15 +52,14 @@ def load_vendor(opts: dict, key: Secret | None, timeout: float) -> Any:
     """The fit's vendor, made by the registry from ``--vendor``, ``--protocol`` and ``--vendor-model`` (the URL is
     checked there); ``--auth-header``/``--auth-scheme``/``--vendor-scores`` go to ``hf-zero-shot``, the one protocol
     that takes them."""
-    from craft_adapter.vendors.registry import BUILTIN, make_vendor
+    from craft_adapter.vendors.registry import BUILTIN, hf_only_settings, make_vendor
 
-    protocol, options = opts["protocol"], {}
-    if protocol == "hf-zero-shot":
-        options = {"auth_header": opts["auth_header"], "auth_scheme": opts["auth_scheme"],
-                   "scores": opts["vendor_scores"]}
-    elif (opts["auth_header"], opts["auth_scheme"], opts["vendor_scores"]) != ("Authorization", "Bearer", "softmax"):
-        raise fail(f"--auth-header, --auth-scheme and --vendor-scores are for --protocol hf-zero-shot; {protocol} "
-                   "sends its key and returns its scores as its API documents")
+    protocol = opts["protocol"]
+    try:
+        options: dict[str, Any] = hf_only_settings(protocol, auth_header=opts["auth_header"],
+                                                   auth_scheme=opts["auth_scheme"], scores=opts["vendor_scores"])
+    except ValueError as e:
+        raise fail(str(e)) from None
     if protocol in BUILTIN:  # a plug-in's factory may take no timeout
         options["timeout"] = timeout
     try:

@@ -110,6 +110,23 @@ def _factory(protocol: str) -> VendorFactory:
                                   f"{type(e).__name__}: {e}") from None
 
 
+HF_ZERO_SHOT = "hf-zero-shot"
+HF_ONLY_DEFAULTS = {"auth_header": "Authorization", "auth_scheme": "Bearer", "scores": "softmax"}
+HF_ONLY_FLAGS = {"auth_header": "--auth-header", "auth_scheme": "--auth-scheme", "scores": "--vendor-scores"}
+
+
+def hf_only_settings(protocol: str, **settings: str) -> dict[str, str]:
+    """``settings`` (of :data:`HF_ONLY_DEFAULTS`) as ``make_vendor`` options for ``hf-zero-shot``, the one protocol
+    that takes them; ``{}`` for any other protocol, which may only leave them at their defaults (``ValueError``)."""
+    if protocol == HF_ZERO_SHOT:
+        return dict(settings)
+    changed = [HF_ONLY_FLAGS[k] for k, v in settings.items() if v != HF_ONLY_DEFAULTS[k]]
+    if changed:
+        raise ValueError(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} for --protocol hf-zero-shot; "
+                         f"{protocol} sends its key and returns its scores as its API documents")
+    return {}
+
+
 def make_vendor(protocol: str, url: str | None, *, key: Secret | str | None = None, model: str | None = None,
                 **options: Any) -> Any:
     """The vendor for ``protocol`` at ``url``: what fit, eval, the runtime and serve all call.

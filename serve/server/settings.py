@@ -17,10 +17,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from craft_adapter.vendors.credentials import DEFAULT_KEY_ENV, Secret, check_vendor_url, read_key
-from craft_adapter.vendors.registry import available_protocols
+from craft_adapter.vendors.registry import HF_ZERO_SHOT, available_protocols, hf_only_settings
 
 ENV_PREFIX = "CRAFT_SERVE_"
-HF_ZERO_SHOT = "hf-zero-shot"  # the protocol the server's own async client speaks (.vendor_pool)
 
 
 def setting(default: Any, help_text: str, group: str = "server") -> Any:
@@ -112,10 +111,8 @@ class ServerConfig:
         if self.vendor_protocol == HF_ZERO_SHOT and self.vendor_model:
             raise ValueError("hf-zero-shot takes the model in the endpoint URL; --vendor-model is for the other "
                              "protocols")
-        if self.vendor_protocol != HF_ZERO_SHOT and (self.vendor_auth_header, self.vendor_auth_scheme) != (
-                "Authorization", "Bearer"):
-            raise ValueError(f"--auth-header and --auth-scheme are for --protocol hf-zero-shot; "
-                             f"{self.vendor_protocol} sends its key as its API documents")
+        hf_only_settings(self.vendor_protocol, auth_header=self.vendor_auth_header,
+                         auth_scheme=self.vendor_auth_scheme)  # ValueError if set for another protocol
 
     @property
     def vendor_api(self) -> str:
