@@ -102,6 +102,11 @@ class FitConfig:
     cache_max_mb: float | None = setting(None, "Cap on the query cache's answers; over it the oldest answers of "
                                          "other backends, then of this one that no resume needs, are evicted.",
                                          "operational")
+    # issue 15: settings added after adapters were first shipped are recorded only when they differ from their
+    # default (NEW_SETTING_DEFAULTS), so that an adapter fitted before they existed keeps its bytes
+    embedding_head: bool = setting(False, "Embedding vendors: also learn a linear head on the image embeddings, "
+                                   "initialised at the zero-shot text classifier, beside the logit refiner (no "
+                                   "extra queries: the embeddings are already paid for).")
 
     def __post_init__(self) -> None:
         checks = [
@@ -160,8 +165,9 @@ class FitConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The decisive settings, for the adapter's fit summary and the resume manifest (operational ones are not)."""
-        skip = operational_settings() | ({"cache_precision"} if self.cache_precision == "float32" else set())
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        d = asdict(self)
+        skip = operational_settings() | {k for k, v in NEW_SETTING_DEFAULTS.items() if d[k] == v}
+        return {k: v for k, v in d.items() if k not in skip}
 
     @property
     def failure_cap(self) -> int:
@@ -189,6 +195,11 @@ class FitConfig:
     def from_file(cls, path: str | Path, **overrides: Any) -> FitConfig:
         """Load from ``.json`` or ``.toml``; ``overrides`` win over the file."""
         return cls(**{**cls.read_file(path), **overrides})
+
+
+# Decisive settings newer than the first shipped adapters, with the value that means "as before": recorded in
+# the fit summary only when set otherwise (cache_precision: float16 answers change the adapter).
+NEW_SETTING_DEFAULTS: dict[str, Any] = {"cache_precision": "float32", "embedding_head": False}
 
 
 def operational_settings() -> frozenset[str]:
