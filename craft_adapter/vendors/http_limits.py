@@ -1,6 +1,6 @@
 """One contract for reading a vendor's HTTP reply: no redirects, a byte cap, and bounded decompression.
 
-Every vendor client (fit's urllib client, the embedding API clients on httpx, the server's async httpx pool) reads
+Every vendor client (fit's urllib client, the embedding API clients on httpx, the server's aiohttp session) reads
 replies through this module, so a hostile or broken vendor meets the same limits everywhere:
 
 - **No redirect is ever followed.** urllib re-sends a redirected POST as a GET *with the Authorization header* to
@@ -22,13 +22,17 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from craft_adapter.vendors.credentials import redact_url
 from craft_adapter.vendors.faults import VendorError
+
+if TYPE_CHECKING:  # aiohttp comes with the server extra only; this module is also the bare runtime's
+    import aiohttp
 
 MAX_REPLY_BYTES = 8 << 20  # a zero-shot reply for 20,000 classes is ~1 MB of JSON
 MAX_ERROR_BYTES = 64 << 10  # of an error body: its message is in the first few hundred bytes
@@ -164,22 +168,37 @@ def send_capped(client: httpx.Client, method: str, url: str, *, cap: int = MAX_R
         return httpx.Response(r.status_code, headers=_without_coding(r.headers), content=body, request=r.request)
 
 
-async def send_capped_async(client: httpx.AsyncClient, method: str, url: str, *, cap: int = MAX_REPLY_BYTES,
-                            **kwargs: Any) -> httpx.Response:
-    """:func:`send_capped` for an async client (the caller bounds the time, e.g. with ``asyncio.timeout``)."""
-    where = redact_url(url)
+@dataclass(frozen=True)
+class CappedReply:
+    """A reply read under this module's contract: its status and headers, and its decoded body within the cap."""
+
+    status: int
+    headers: Mapping[str, str]
+    content: bytes
+
+
+async def send_capped_async(session: aiohttp.ClientSession, method: str, url: Any, *, cap: int = MAX_REPLY_BYTES,
+                            where: str | None = None, **kwargs: Any) -> CappedReply:
+    """:func:`send_capped` for an aiohttp session; the caller bounds the time (``timeout=``, ``asyncio.timeout``).
+
+    The session must leave bodies compressed (``auto_decompress=False``): they are decoded here, with the output
+    bound, where aiohttp's own decoder has none. ``where`` names the vendor in messages (default: ``url``
+    redacted). Network failures raise aiohttp's errors as they are.
+    """
+    if session.auto_decompress:
+        raise ValueError("send_capped_async needs a session made with auto_decompress=False (bounded decoding)")
+    where = where or redact_url(str(url))
     headers = {**(kwargs.pop("headers", None) or {}), "Accept-Encoding": ACCEPT_ENCODING}
-    async with client.stream(method, url, headers=headers, follow_redirects=False, **kwargs) as r:
-        if is_redirect(r.status_code):
-            raise redirect_error(where, r.status_code, r.headers.get("Location"))
-        error = r.status_code >= 400
+    async with session.request(method, url, headers=headers, allow_redirects=False, **kwargs) as r:
+        if is_redirect(r.status):
+            raise redirect_error(where, r.status, r.headers.get("Location"))
+        error = r.status >= 400
         reader = BodyReader(r.headers.get("Content-Encoding"), MAX_ERROR_BYTES if error else cap, where, error)
-        async for chunk in r.aiter_raw(READ_CHUNK):
+        while not reader.full and (chunk := await r.content.readany()):  # chunks as they arrive, each bounded
             reader.feed(chunk)
-            if reader.full:
-                break
-        return httpx.Response(r.status_code, headers=_without_coding(r.headers), content=reader.finish(),
-                              request=r.request)
+        if reader.full:
+            r.close()  # the rest is never read: the connection is dropped, not pooled with a body half-read
+        return CappedReply(r.status, r.headers, reader.finish())
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

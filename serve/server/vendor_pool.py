@@ -11,12 +11,16 @@ is :func:`~craft_adapter.vendors.replies.zero_shot_request`'s. Anything unusable
 (:func:`~craft_adapter.vendors.credentials.auth_headers`); vendor text reaches a message only through
 :func:`~craft_adapter.vendors.credentials.vendor_detail`, as in fit's client.
 
-Replies are read under :mod:`craft_adapter.vendors.http_limits`, as fit reads them: a redirect is refused (never
-followed), a body is read in a stream and cut at a cap scaled by the labels, and gzip/deflate are decoded with
-an output bound, so a gzip bomb or an endless reply costs this server at most the cap per call in flight. Each
-call's scores are checked as the adapter's score kind (softmax or sigmoid, its ``logit_kind``), with the
-first-reply rule of :class:`~craft_adapter.vendors.replies.ScoreKindCheck`; refusals that a retry cannot change
-(a redirect, an oversized reply, a vendor of the wrong score kind) are not retried.
+Calls go through one aiohttp session (a pool of at most ``max_vendor_in_flight`` keep-alive connections): it costs
+about a fifth of httpx's CPU per call (``benchmarks/vendor_client_cost.py``), and the vendor call was the largest
+part of a request's. Replies are read under :mod:`craft_adapter.vendors.http_limits`, as fit reads them: a redirect
+is refused (never followed), a body is read in a stream and cut at a cap scaled by the labels, and gzip/deflate are
+decoded with an output bound (the session itself decodes nothing), so a gzip bomb or an endless reply costs this
+server at most the cap per call in flight. A proxy that the environment names (``HTTPS_PROXY``, ``ALL_PROXY``,
+``NO_PROXY``) is used, as httpx used it, but read once, not per call; ``~/.netrc`` is never read. Each call's
+scores are checked as the adapter's score kind (softmax or sigmoid, its ``logit_kind``), with the first-reply rule
+of :class:`~craft_adapter.vendors.replies.ScoreKindCheck`; refusals that a retry cannot change (a redirect, an
+oversized reply, a vendor of the wrong score kind) are not retried.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ import asyncio
 import json
 import random
 import time
+import urllib.request
 from collections.abc import Sequence
 
-import httpx
+import aiohttp
 import numpy as np
+from yarl import URL
 
 from craft_adapter.serve.server.metrics import ServerMetrics
 from craft_adapter.serve.server.settings import ServerConfig
@@ -41,11 +47,11 @@ from craft_adapter.vendors.credentials import (
     vendor_detail,
 )
 from craft_adapter.vendors.faults import VendorError, backoff_delay, is_transient_status, parse_retry_after
-from craft_adapter.vendors.http_limits import send_capped_async, zero_shot_reply_cap
+from craft_adapter.vendors.http_limits import CappedReply, send_capped_async, zero_shot_reply_cap
 from craft_adapter.vendors.replies import SOFTMAX, ScoreKindCheck, zero_shot_request
 
-POOL_SHARD_SIZE = 8  # connections per httpx pool
 TRICKLE_GRACE_S = 0.5
+KEEPALIVE_S = 30.0
 
 # failure type -> HTTP status the client gets
 STATUS = {"vendor_unreachable": 503, "vendor_rate_limited": 503, "vendor_busy": 503, "vendor_timeout": 504,
@@ -65,29 +71,33 @@ class ZeroShotVendorClient:
     """Scores images with the adapter's labels and template at a zero-shot vendor, within the config's limits."""
 
     def __init__(self, config: ServerConfig, labels: Sequence[str], template: str, metrics: ServerMetrics,
-                 key: Secret | None = None, transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 key: Secret | None = None) -> None:
         self.config, self.labels, self.template, self.metrics = config, list(labels), template, metrics
-        self._url_shown = redact_url(config.vendor_url)
+        self._url, self._url_shown = URL(config.vendor_url), redact_url(config.vendor_url)
+        self._proxy = env_proxy(config.vendor_url)
         self._slots = asyncio.Semaphore(config.max_vendor_in_flight)
         auth = auth_headers(key, config.vendor_auth_header, config.vendor_auth_scheme)
         self._secrets = header_secrets(auth.items()) + url_secrets(config.vendor_url)
         self._kind_checks: dict[str, ScoreKindCheck] = {}  # one first-reply rule per score kind
-        headers = {"Content-Type": "application/json", **auth}
-        # httpcore's pool does work per request that grows with its connection count times its queue, so the
-        # connections are spread over small pools; each call takes the least busy one, so while the semaphore
-        # admits a call, its pool has a free connection (a call never waits in a full pool beside an idle one)
-        shards = -(-config.max_vendor_in_flight // POOL_SHARD_SIZE)
-        per_shard = -(-config.max_vendor_in_flight // shards)
-        limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard, keepalive_expiry=30)
-        self._pools = [httpx.AsyncClient(headers=headers, limits=limits, timeout=config.vendor_timeout_s,
-                                         transport=transport, follow_redirects=False) for _ in range(shards)]
-        self._busy = [0] * shards  # calls open per pool
+        self._headers = {"Content-Type": "application/json", **auth}
+        self._session: aiohttp.ClientSession | None = None  # made on first use: it belongs to the running loop
         self._random = random.Random()
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # the semaphore admits a call only when a connection is free, so a call never waits in the pool
+            connector = aiohttp.TCPConnector(limit=self.config.max_vendor_in_flight, limit_per_host=0,
+                                             keepalive_timeout=KEEPALIVE_S)
+            self._session = aiohttp.ClientSession(
+                connector=connector, headers=self._headers, auto_decompress=False, trust_env=False,
+                cookie_jar=aiohttp.DummyCookieJar(), timeout=aiohttp.ClientTimeout(total=None))
+        return self._session
 
     async def aclose(self) -> None:
         """Close pooled connections."""
-        for pool in self._pools:
-            await pool.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     def _payload(self, image_b64: str, labels: Sequence[str], template: str) -> bytes:
         return json.dumps(zero_shot_request(image_b64, labels, template)).encode()
@@ -157,37 +167,31 @@ class ZeroShotVendorClient:
             self.metrics.vendor_calls.inc(outcome)
             self.metrics.vendor_latency.observe(time.perf_counter() - started)
 
-    async def _post(self, payload: bytes, budget: float, cap: int) -> httpx.Response:
+    async def _post(self, payload: bytes, budget: float, cap: int) -> CappedReply:
         where = self._url_shown
+        budget = max(budget, 0.001)
+        # aiohttp's timeouts end a silent connect or read (not rounded up to whole seconds); the outer one bounds a
+        # reply that trickles in byte by byte
+        timeout = aiohttp.ClientTimeout(sock_connect=budget, sock_read=budget, ceil_threshold=budget)
         try:
-            # httpx's own timeouts end a slow call cleanly; the outer one only guards against a reply that
-            # trickles in byte by byte (cancelling inside httpcore can strand a pooled connection)
-            async with asyncio.timeout(max(budget, 0.0) + TRICKLE_GRACE_S):
-                return await self._post_on_idlest_pool(payload, max(budget, 0.001), cap)
-        except (TimeoutError, httpx.TimeoutException) as e:
-            if isinstance(e, httpx.ConnectTimeout):
-                raise VendorFailure("vendor_unreachable", f"cannot connect to the vendor at {where} "
-                                    "(connect timed out)") from None
+            async with asyncio.timeout(budget + TRICKLE_GRACE_S):
+                return await send_capped_async(self._client(), "POST", self._url, cap=cap, where=where, data=payload,
+                                               timeout=timeout, proxy=self._proxy)
+        except aiohttp.ConnectionTimeoutError:
+            raise VendorFailure("vendor_unreachable", f"cannot connect to the vendor at {where} "
+                                "(connect timed out)") from None
+        except TimeoutError:
             raise VendorFailure("vendor_timeout", f"the vendor at {where} did not answer within "
                                 f"{budget:.3g} s") from None
-        except httpx.ConnectError:
+        except aiohttp.ClientConnectorError:
             raise VendorFailure("vendor_unreachable", f"cannot connect to the vendor at {where} "
                                 "(connection refused or host unreachable)") from None
-        except httpx.HTTPError as e:  # dropped connection, protocol error mid-reply
+        except (aiohttp.ClientError, OSError) as e:  # dropped connection, protocol error mid-reply
             raise VendorFailure("vendor_error", f"the connection to the vendor at {where} failed mid-reply "
                                 f"({type(e).__name__})") from None
 
-    async def _post_on_idlest_pool(self, payload: bytes, budget: float, cap: int) -> httpx.Response:
-        shard = min(range(len(self._pools)), key=self._busy.__getitem__)
-        self._busy[shard] += 1
-        try:
-            return await send_capped_async(self._pools[shard], "POST", self.config.vendor_url, cap=cap,
-                                           content=payload, timeout=budget)
-        finally:
-            self._busy[shard] -= 1
-
-    def _raise_for_status(self, response: httpx.Response) -> None:
-        code = response.status_code
+    def _raise_for_status(self, response: CappedReply) -> None:
+        code = response.status
         if code == 200:
             return
         detail = vendor_detail(response.content, self._secrets)
@@ -202,3 +206,12 @@ class ZeroShotVendorClient:
         raise VendorFailure("vendor_rejected", f"the vendor at {where} refused the request (HTTP {code}: "
                             f"{detail}){hint}")
 
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy that the environment names for ``url`` (``HTTP(S)_PROXY`` or ``ALL_PROXY``, unless ``NO_PROXY``
+    covers its host), or None."""
+    parsed = URL(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parsed.scheme) or proxies.get("all")
+    return None if proxy is None or urllib.request.proxy_bypass(parsed.host or "") else proxy
