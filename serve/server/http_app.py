@@ -49,6 +49,7 @@ from craft_adapter.serve.server.access import AccessMiddleware
 from craft_adapter.serve.server.adapter_routes import AdapterEndpoints, MultiOptions, multi_info, read_images
 from craft_adapter.serve.server.adapter_store import AdapterStore, poll_forever
 from craft_adapter.serve.server.connections import GuardedH11Protocol, InFlightLimit, return_big_frees
+from craft_adapter.serve.server.heap import settle_heap
 from craft_adapter.serve.server.inputs import ApiError, classify_options
 from craft_adapter.serve.server.logs import SERVER_LOGGER, setup_logging
 from craft_adapter.serve.server.metrics import AdapterMetrics, ServerMetrics
@@ -249,6 +250,7 @@ def create_app(config: ServerConfig, key: Secret | None = None, adapters: str | 
             poller = asyncio.create_task(poll_forever(store, options.poll_s))
             log.info("serving %d adapters from %s in front of %s", store.known(), store.root,
                      redact_url(config.vendor_url), extra={"fields": {"event": "startup"}})
+        settle_heap()  # what startup built stays out of every garbage collection from now on
         endpoints.live = True
         try:
             yield
