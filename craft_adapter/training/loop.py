@@ -25,7 +25,7 @@ from craft_adapter.blackbox.box import BlackBox
 from craft_adapter.training.checkpoint import Checkpoints, restore
 from craft_adapter.training.config import FitConfig
 from craft_adapter.training.prompt_modules import SoftModule, make_prompt_module
-from craft_adapter.training.refiner import Refiner, population_fitness, train_epoch
+from craft_adapter.training.refiner import Refiner, average_into, population_fitness, train_epoch
 
 
 @dataclass
@@ -74,6 +74,8 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
         raise ValueError(f"the black box's meter must carry the fit budget ({budget} {cfg.budget_unit})")
     refiner = Refiner(len(train.class_names), cfg.hidden)
     opt = torch.optim.Adam(refiner.parameters(), lr=cfg.lr)
+    # what is checked and shipped: the live refiner, or an average of its weights over generations
+    shipped = copy.deepcopy(refiner) if cfg.refiner_ema > 0 else refiner
     module = make_prompt_module(train, cfg, y_train)
     use_holdout = holdout is not None and holdout.n_images > 0
     y_hold = torch.from_numpy(y_holdout) if use_holdout else None
@@ -120,12 +122,14 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
             if cfg.train_refiner:
                 w = cfg.kl_weight if meter.used < budget // cfg.kl_decay_n else 0.0
                 train_epoch(refiner, opt, cur_x, cur_y, w, cfg.refiner_batch, shuffle)
+                if shipped is not refiner:
+                    average_into(shipped, refiner, cfg.refiner_ema)
             gen += 1
             with torch.no_grad():
                 train_acc = _acc(refiner(cur_x), cur_y)
             h_acc, checked = None, due
             if due:
-                h_acc, best = _check(holdout, module, cur, refiner, as_input, y_hold, best)
+                h_acc, best = _check(holdout, module, cur, shipped, as_input, y_hold, best, cfg.holdout_metric)
             history.append({"generation": gen, "queries": meter.queries, "vendor_calls": meter.vendor_calls,
                             "best_fitness": float(fitness[b]), "train_acc": train_acc, "holdout_acc": h_acc})
             if on_generation is not None:
@@ -143,15 +147,15 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
         raise ValueError(f"budget {budget} {cfg.budget_unit} is too small for one generation"
                          + (" and a hold-out check" if use_holdout else ""))
     if use_holdout and not checked and check_cost(cur) <= meter.remaining:
-        _, best = _check(holdout, module, cur, refiner, as_input, y_hold, best)
+        _, best = _check(holdout, module, cur, shipped, as_input, y_hold, best, cfg.holdout_metric)
     final = cur
     if best is not None:
         _, final, state = best
-        refiner.load_state_dict(state)
+        shipped.load_state_dict(state)
     ctx = final if isinstance(final, np.ndarray) else None
     adapter = Adapter(
         class_names=list(train.class_names), template=cfg.template if ctx is not None else final,
-        mode=cfg.prompt, logit_kind=kind, logit_scale=train.logit_scale, refiner=refiner.to_arrays(),
+        mode=cfg.prompt, logit_kind=kind, logit_scale=train.logit_scale, refiner=shipped.to_arrays(),
         backend=train.identity, ctx=None if ctx is None else np.ascontiguousarray(ctx, dtype=np.float32),
         prompt_reading=train.describe_soft(ctx) if ctx is not None else final,
         fit={"shots": cfg.shots, "seed": cfg.seed, "budget": budget, "budget_unit": meter.unit,
@@ -162,11 +166,15 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
     return FitResult(adapter, history, time.perf_counter() - t0, meter.vendor_seconds, meter.summary())
 
 
-def _check(holdout: BlackBox, module, cand, refiner: Refiner, as_input, y: torch.Tensor, best):
-    """Hold-out accuracy of ``cand`` with the current refiner; keep the pair if it is the best so far."""
+def _check(holdout: BlackBox, module, cand, refiner: Refiner, as_input, y: torch.Tensor, best,
+           metric: str = "accuracy"):
+    """Hold-out accuracy of ``cand`` with the refiner; keep the pair if it is the best so far by ``metric``
+    (accuracy, or minus the cross-entropy)."""
     x = as_input(module.score(holdout, [cand], None).take(0, 1))[0]
     with torch.no_grad():
-        acc = _acc(refiner(x), y)
-    if best is None or acc >= best[0]:
-        best = (acc, cand.copy() if isinstance(cand, np.ndarray) else cand, copy.deepcopy(refiner.state_dict()))
+        out = refiner(x)
+        acc = _acc(out, y)
+        score = acc if metric == "accuracy" else -float(torch.nn.functional.cross_entropy(out, y))
+    if best is None or score >= best[0]:
+        best = (score, cand.copy() if isinstance(cand, np.ndarray) else cand, copy.deepcopy(refiner.state_dict()))
     return acc, best

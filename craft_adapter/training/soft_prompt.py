@@ -24,10 +24,10 @@ class SoftPromptSearch:
         std = cfg.proj_std * unit
         self.A = rng.normal(0.0, std, size=(cfg.intrinsic_dim, p0.size)).astype(np.float32)  # [d, n_ctx*width]
         self.bound = cfg.bound
-        self.es = cma.CMAEvolutionStrategy(
-            np.zeros(cfg.intrinsic_dim), cfg.sigma,
-            {"popsize": cfg.popsize, "seed": cfg.seed + 1, "verbose": -9, "bounds": [-cfg.bound, cfg.bound]},
-        )
+        opts = {"popsize": cfg.popsize, "seed": cfg.seed + 1, "verbose": -9, "bounds": [-cfg.bound, cfg.bound]}
+        if cfg.cma_diagonal:  # sep-CMA: O(d) per sample instead of O(d^2), and no eigendecomposition
+            opts["CMA_diagonal"] = True
+        self.es = cma.CMAEvolutionStrategy(np.zeros(cfg.intrinsic_dim), cfg.sigma, opts)
 
     def ask(self) -> np.ndarray:
         """One generation of candidates ``z [popsize, d]``."""
