@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from craft_adapter.vendors.credentials import Secret
+from craft_adapter.vendors.credentials import Secret, secret_forms
 
 ACCESS_LOGGER = "craft_adapter.access"
 SERVER_LOGGER = "craft_adapter.server"
@@ -41,18 +41,33 @@ class ScrubSecret(logging.Filter):
     def __init__(self, secret: Secret | None) -> None:
         super().__init__()
         self.secret = secret
+        # every form the key can take, found once: Secret.scrub finds them anew on each call, which cost ~70 us per
+        # access-log line (a tenth of a request's CPU)
+        self._forms = sorted(secret_forms(secret.reveal()), key=len, reverse=True) if secret is not None else []
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every form of the secret replaced by ``***``, longest first (as Secret.scrub does)."""
+        for form in self._forms:
+            if form in text:
+                text = text.replace(form, "***")
+        return text
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Scrub and keep the record."""
         if self.secret is not None:
-            record.msg, record.args = self.secret.scrub(record.getMessage()), None
+            record.msg, record.args = self.scrub(record.getMessage()), None
             if record.exc_info:
-                record.exc_text = self.secret.scrub(logging.Formatter().formatException(record.exc_info))
+                record.exc_text = self.scrub(logging.Formatter().formatException(record.exc_info))
                 record.exc_info = None
             fields = getattr(record, "fields", None)
             if fields:
-                record.fields = json.loads(self.secret.scrub(json.dumps(fields, default=str)))
+                record.fields = self._scrub_fields(fields)
         return True
+
+    def _scrub_fields(self, fields: dict[str, Any]) -> dict[str, Any]:
+        if all(v is None or isinstance(v, int | float | str) for v in fields.values()):  # flat, as the access log's
+            return {k: self.scrub(v) if isinstance(v, str) else v for k, v in fields.items()}
+        return json.loads(self.scrub(json.dumps(fields, default=str)))
 
 
 def setup_logging(level: str, secret: Secret | None, stream: Any = None) -> None:
