@@ -26,10 +26,13 @@ from safetensors.numpy import save as st_save
 from craft_adapter.artifact.checks import (
     CTX_KEY,
     FORMAT_VERSION,
+    HEAD_KEY,
+    HEAD_META_KEY,
     MAX_ABS_VALUE,
     MAX_CLASSES,
     MAX_CTX_TOKENS,
     MAX_CTX_WIDTH,
+    MAX_EMBED_DIM,
     MAX_FILE_BYTES,
     MAX_HEADER_BYTES,
     MAX_HIDDEN,
@@ -44,7 +47,9 @@ from craft_adapter.artifact.checks import (
     AdapterError,
     TensorEntry,
     bounded,
+    check_embeddings,
     check_tensor_table,
+    head_dim,
     metadata_fields,
     parse_json,
     read_adapter_bytes,
@@ -52,11 +57,12 @@ from craft_adapter.artifact.checks import (
 )
 
 __all__ = [  # the checks' names are re-exported: modules import them from here
-    "CTX_KEY", "FORMAT_VERSION", "LOG_FLOOR", "MAX_ABS_VALUE", "MAX_CLASSES", "MAX_CTX_TOKENS", "MAX_CTX_WIDTH",
-    "MAX_FILE_BYTES", "MAX_HEADER_BYTES", "MAX_HIDDEN", "MAX_JSON_DEPTH", "MAX_METADATA_BYTES", "MAX_METADATA_ENTRIES",
-    "MAX_TENSORS", "MAX_TEXT_CHARS", "METADATA_KEY", "REFINER_KEYS", "TENSOR_KEYS", "Adapter", "AdapterError",
-    "AdapterWriteError", "LOGIT_KINDS", "LogitKind", "Mode", "TensorEntry", "bounded", "check_tensor_table",
-    "check_writable", "metadata_fields", "parse_json", "read_adapter_bytes", "read_header", "refiner_input",
+    "CTX_KEY", "FORMAT_VERSION", "HEAD_KEY", "HEAD_META_KEY", "LOG_FLOOR", "MAX_ABS_VALUE", "MAX_CLASSES",
+    "MAX_CTX_TOKENS", "MAX_CTX_WIDTH", "MAX_EMBED_DIM", "MAX_FILE_BYTES", "MAX_HEADER_BYTES", "MAX_HIDDEN",
+    "MAX_JSON_DEPTH", "MAX_METADATA_BYTES", "MAX_METADATA_ENTRIES", "MAX_TENSORS", "MAX_TEXT_CHARS", "METADATA_KEY",
+    "REFINER_KEYS", "TENSOR_KEYS", "Adapter", "AdapterError", "AdapterWriteError", "LOGIT_KINDS", "LogitKind", "Mode",
+    "TensorEntry", "bounded", "check_embeddings", "check_tensor_table", "check_writable", "head_dim",
+    "metadata_fields", "parse_json", "read_adapter_bytes", "read_header", "refiner_input",
 ]
 
 LOG_FLOOR = np.float32(1e-12)
@@ -117,6 +123,7 @@ class Adapter:
     ctx: np.ndarray | None = None  # [n_ctx, width], soft mode only
     prompt_reading: str = ""  # nearest-token reading of ctx, for people
     format_version: int = FORMAT_VERSION
+    head: np.ndarray | None = None  # [c, d] float32: the embedding-access head's delta, if the fit learned one
 
     def __post_init__(self) -> None:
         self.validate()
@@ -171,6 +178,30 @@ class Adapter:
             raise AdapterError("a soft-mode adapter needs a float32 prompt.ctx tensor [n_ctx, width]")
         if self.ctx is not None and not bounded(self.ctx):
             raise AdapterError(f"prompt.ctx is not finite or has |values| > {MAX_ABS_VALUE:g}")
+        if self.head is not None:
+            self._validate_head()
+
+    def _validate_head(self) -> None:
+        head, c = self.head, self.n_classes
+        if not isinstance(head, np.ndarray) or head.dtype != np.float32 or head.ndim != 2:
+            raise AdapterError(f"{HEAD_KEY} must be a 2-D float32 array [classes, embedding width]")
+        if head.shape[0] != c or not 1 <= head.shape[1] <= MAX_EMBED_DIM:
+            raise AdapterError(f"{HEAD_KEY} has shape {head.shape}, expected ({c}, d) for {c} classes and d in "
+                               f"1..{MAX_EMBED_DIM}")
+        if not bounded(head) or not bounded(self.head_weight()):
+            raise AdapterError(f"{HEAD_KEY} is not finite or has |values| (times the logit scale) > {MAX_ABS_VALUE:g}")
+        if self.logit_kind != "logits":  # the head reads embeddings, which only an embedding vendor returns
+            raise AdapterError(f"an embedding head needs an adapter fitted on vendor logits (an embedding vendor), "
+                               f"not {self.logit_kind}")
+
+    @property
+    def head_dim(self) -> int | None:
+        """The image-embedding width the head reads, or None for an adapter without a head."""
+        return None if self.head is None else int(self.head.shape[1])
+
+    def head_weight(self) -> np.ndarray:
+        """The head in logit units, ``logit_scale * delta`` ``[c, d]`` float32: what every forward multiplies by."""
+        return np.float32(self.logit_scale) * self.head
 
     def metadata(self) -> dict[str, Any]:
         """The JSON metadata stored in the file."""
@@ -181,13 +212,17 @@ class Adapter:
                        "refiner_input": "raw logits" if self.logit_kind == "logits" else "log(max(p, 1e-12))"},
             "refiner": {"hidden": self.hidden, "activation": "relu", "residual": True},
             "backend": self.backend, "fit": self.fit,
-        }
+        } | ({} if self.head is None else {HEAD_META_KEY: {
+            "dim": self.head_dim, "input": "the L2-normalised image embedding [n, dim]",
+            "refined": "refiner(x) + logit_scale * embedding @ head.delta^T"}})
 
     def to_bytes(self) -> bytes:
         """Serialise deterministically: same adapter, same bytes."""
         tensors = {k: np.ascontiguousarray(v) for k, v in self.refiner.items()}
         if self.ctx is not None:
             tensors[CTX_KEY] = np.ascontiguousarray(self.ctx)
+        if self.head is not None:
+            tensors[HEAD_KEY] = np.ascontiguousarray(self.head)
         meta = json.dumps(self.metadata(), sort_keys=True, separators=(",", ":"), allow_nan=False)
         return st_save(tensors, metadata={METADATA_KEY: meta})
 
@@ -209,12 +244,17 @@ class Adapter:
                                     "choose another output path") from None
         return path
 
-    def refine(self, scores: np.ndarray) -> np.ndarray:
-        """Refined logits ``[n, c]`` from vendor scores ``[n, c]`` with numpy (the reference forward)."""
+    def refine(self, scores: np.ndarray, embeddings: np.ndarray | None = None) -> np.ndarray:
+        """Refined logits ``[n, c]`` from vendor scores ``[n, c]`` with numpy (the reference forward); an adapter
+        with an embedding head also needs the L2-normalised image ``embeddings [n, d]`` the vendor returned."""
         x = refiner_input(scores, self.logit_kind)
         r = self.refiner
         h = np.maximum(x @ r["refiner.fc1.weight"].T + r["refiner.fc1.bias"], 0)
-        return x + h @ r["refiner.fc2.weight"].T + r["refiner.fc2.bias"]
+        refined = x + h @ r["refiner.fc2.weight"].T + r["refiner.fc2.bias"]
+        if self.head is None:
+            return refined
+        e = check_embeddings(embeddings, len(x), self.head_dim)
+        return refined + e @ self.head_weight().T
 
     @classmethod
     def from_bytes(cls, raw: bytes, source: str = "adapter") -> Adapter:
@@ -222,7 +262,8 @@ class Adapter:
         if len(raw) > MAX_FILE_BYTES:
             raise AdapterError(f"{source} is {len(raw)} bytes, over the {MAX_FILE_BYTES}-byte limit for an adapter")
         meta_map, table = read_header(raw, source)
-        fields = metadata_fields(parse_json(meta_map[METADATA_KEY], "craft_adapter metadata", source), source)
+        meta = parse_json(meta_map[METADATA_KEY], "craft_adapter metadata", source)
+        fields = metadata_fields(meta, source)
         check_tensor_table(table, len(fields["class_names"]), source)
         try:
             tensors = st_load(raw)
@@ -231,7 +272,11 @@ class Adapter:
         got = {k: (v.dtype, v.shape) for k, v in tensors.items()}
         if got != {k: (np.dtype(np.float32), t.shape) for k, t in table.items()}:  # never expected: belt and braces
             raise AdapterError(f"{source}: safetensors read {got}, which disagrees with the checked header")
-        return cls(refiner={k: tensors[k] for k in REFINER_KEYS}, ctx=tensors.get(CTX_KEY), **fields)
+        recorded, head = head_dim(meta, source), tensors.get(HEAD_KEY)
+        if recorded != (None if head is None else head.shape[1]):
+            raise AdapterError(f"{source}: the metadata's {HEAD_META_KEY} ({recorded}) disagrees with the "
+                               f"{HEAD_KEY} tensor ({None if head is None else head.shape}); the file is inconsistent")
+        return cls(refiner={k: tensors[k] for k in REFINER_KEYS}, ctx=tensors.get(CTX_KEY), head=head, **fields)
 
     @classmethod
     def load(cls, path: str | Path) -> Adapter:

@@ -26,7 +26,9 @@ FORMAT_VERSION = 1
 METADATA_KEY = "craft_adapter"
 REFINER_KEYS = ("refiner.fc1.weight", "refiner.fc1.bias", "refiner.fc2.weight", "refiner.fc2.bias")
 CTX_KEY = "prompt.ctx"
-TENSOR_KEYS = (*REFINER_KEYS, CTX_KEY)
+HEAD_KEY = "head.delta"  # [c, d]: the optional embedding-access head (craft_adapter.training.embedding_head)
+HEAD_META_KEY = "embedding_head"  # its entry in the metadata, present exactly when the tensor is
+TENSOR_KEYS = (*REFINER_KEYS, CTX_KEY, HEAD_KEY)
 MAX_TENSORS = len(TENSOR_KEYS)
 
 # limits on what a file may hold
@@ -39,6 +41,7 @@ MAX_CLASSES = 20_000
 MAX_HIDDEN = 8192  # refiner hidden width
 MAX_CTX_TOKENS = 77  # CLIP's context length
 MAX_CTX_WIDTH = 8192
+MAX_EMBED_DIM = 8192  # the head's image-embedding width (CLIP ViT-B: 512, ViT-L: 768, the largest: 1,024-4,096)
 MAX_TEXT_CHARS = 1000  # one class name, the template, the learned reading
 MAX_ABS_VALUE = 1e4  # refiner weights and prompt.ctx; trained values are far below, and outputs stay finite
 
@@ -250,8 +253,41 @@ def check_tensor_table(table: dict[str, TensorEntry], n_classes: int, source: st
         if table[k].shape != shape:
             raise AdapterError(f"{source}: tensor {k} has shape {table[k].shape}, expected {shape} for {n_classes} "
                                f"classes and hidden {h}")
+    head = table.get(HEAD_KEY)
+    if head is not None and (len(head.shape) != 2 or head.shape[0] != n_classes
+                             or not 1 <= head.shape[1] <= MAX_EMBED_DIM):
+        raise AdapterError(f"{source}: {HEAD_KEY} has shape {head.shape}, expected ({n_classes}, d) for {n_classes} "
+                           f"classes and an embedding width d in 1..{MAX_EMBED_DIM}")
     ctx = table.get(CTX_KEY)
     if ctx is not None and (len(ctx.shape) != 2 or not 1 <= ctx.shape[0] <= MAX_CTX_TOKENS
                             or not 1 <= ctx.shape[1] <= MAX_CTX_WIDTH):
         raise AdapterError(f"{source}: prompt.ctx has shape {ctx.shape}, expected [n_ctx, width] with n_ctx in "
                            f"1..{MAX_CTX_TOKENS} and width in 1..{MAX_CTX_WIDTH}")
+
+
+def head_dim(meta: dict[str, Any], source: str) -> int | None:
+    """The image-embedding width ``d`` of the adapter's embedding head as its metadata records it, or None."""
+    entry = meta.get(HEAD_META_KEY)
+    if entry is None:
+        return None
+    d = entry.get("dim") if isinstance(entry, dict) else None
+    if not _is_int(d) or not 1 <= d <= MAX_EMBED_DIM:
+        raise AdapterError(f"{source}: metadata {HEAD_META_KEY} must be an object with an integer dim in "
+                           f"1..{MAX_EMBED_DIM}, got {str(entry)[:80]}")
+    return d
+
+
+def check_embeddings(embeddings: np.ndarray | None, n: int, d: int | None) -> np.ndarray:
+    """Image embeddings for an adapter's head: float32 ``[n, d]``, finite; :class:`AdapterError` naming the problem."""
+    if embeddings is None:
+        raise AdapterError("this adapter has an embedding head: it needs the image embeddings the vendor returned "
+                           "(an embedding vendor), not scores alone")
+    e = np.asarray(embeddings, dtype=np.float32)
+    if e.ndim != 2 or e.shape[0] != n:
+        raise AdapterError(f"image embeddings have shape {e.shape}, expected ({n}, {d}) for {n} images")
+    if e.shape[1] != d:
+        raise AdapterError(f"the adapter's embedding head reads {d}-dimensional image embeddings, but the vendor "
+                           f"returned {e.shape[1]}-dimensional ones: serve it with the model it was fitted on")
+    if not np.isfinite(e).all():
+        raise AdapterError("image embeddings are not all finite")
+    return e

@@ -7,7 +7,10 @@ package: the runtime must run with numpy, safetensors and onnxruntime only. Then
 the default domain, with one float input ``refiner_input [batch, C]``, the outputs ``refined_logits`` and
 ``probabilities``, exactly the four refiner initializers (float32, finite, shaped for the C classes its metadata
 lists) and the nodes of ``x + fc2(relu(fc1(x)))`` and its softmax, as ``torch.onnx.export`` and
-:func:`~craft_adapter.serve.onnx_graph.build_refiner_onnx` write them.
+:func:`~craft_adapter.serve.onnx_graph.build_refiner_onnx` write them. An adapter with an embedding head (its
+metadata says so, with the width ``d``) has exactly one more input, ``image_embedding [batch, d]``, one more
+initializer, ``head.weight [d, C]``, and ``+ image_embedding @ head.weight`` before the softmax; the metadata and
+the graph must agree on whether there is a head.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from craft_adapter.artifact.adapter_file import (
     REFINER_KEYS,
     AdapterError,
     bounded,
+    head_dim,
     metadata_fields,
     parse_json,
 )
-from craft_adapter.artifact.onnx_graph import INPUT_NAME, OUTPUT_NAMES
+from craft_adapter.artifact.onnx_graph import EMBEDDING_NAME, HEAD_WEIGHT, INPUT_NAME, OUTPUT_NAMES
 
 MIN_OPSET, MAX_OPSET = 17, 23  # what torch.onnx.export (TorchScript) writes for opset >= 17
 MIN_IR, MAX_IR = 8, 11  # the IR versions those opsets come with
@@ -76,15 +80,22 @@ REFUSED = {  # ONNX fields a refiner never has, named for the error message
              9: "optional_type"},
     "dim": {3: "denotation"},
 }
-# node i: op type, inputs ("t0".."t2": the earlier nodes' outputs), required attributes, optional attributes
+# node i: op type, inputs ("tN": node N's output), required attributes, optional attributes, and what it writes
+# ("tN": a new tensor of its own name, else that graph output)
+_GEMM = {"alpha": (FLOAT, 1.0), "beta": (FLOAT, 1.0)}
 PATTERN = (
-    ("Gemm", (INPUT_NAME, REFINER_KEYS[0], REFINER_KEYS[1]), {"transB": (INT, 1)}, {"alpha": (FLOAT, 1.0),
-                                                                                     "beta": (FLOAT, 1.0)}),
-    ("Relu", ("t0",), {}, {}),
-    ("Gemm", ("t1", REFINER_KEYS[2], REFINER_KEYS[3]), {"transB": (INT, 1)}, {"alpha": (FLOAT, 1.0),
-                                                                              "beta": (FLOAT, 1.0)}),
-    ("Add", (INPUT_NAME, "t2"), {}, {}),
-    ("Softmax", (OUTPUT_NAMES[0],), {"axis": (INT, -1)}, {}),
+    ("Gemm", (INPUT_NAME, REFINER_KEYS[0], REFINER_KEYS[1]), {"transB": (INT, 1)}, _GEMM, "t0"),
+    ("Relu", ("t0",), {}, {}, "t1"),
+    ("Gemm", ("t1", REFINER_KEYS[2], REFINER_KEYS[3]), {"transB": (INT, 1)}, _GEMM, "t2"),
+    ("Add", (INPUT_NAME, "t2"), {}, {}, OUTPUT_NAMES[0]),
+    ("Softmax", (OUTPUT_NAMES[0],), {"axis": (INT, -1)}, {}, OUTPUT_NAMES[1]),
+)
+HEAD_PATTERN = (  # with an embedding head: refined = (x + fc2(relu(fc1(x)))) + image_embedding @ head.weight
+    *PATTERN[:3],
+    ("Add", (INPUT_NAME, "t2"), {}, {}, "t3"),
+    ("MatMul", (EMBEDDING_NAME, HEAD_WEIGHT), {}, {}, "t4"),
+    ("Add", ("t3", "t4"), {}, {}, OUTPUT_NAMES[0]),
+    PATTERN[4],
 )
 
 
@@ -183,9 +194,11 @@ def check_refiner_onnx(raw: bytes, source: str) -> dict[str, Any]:
     except _Malformed as e:
         raise AdapterError(f"{source}: not a refiner ONNX model, so onnxruntime cannot load it ({e}); "
                            f"{RE_EXPORT}") from None
-    fields = metadata_fields(parse_json(_metadata_json(model, source), "craft_adapter metadata", source), source)
+    meta = parse_json(_metadata_json(model, source), "craft_adapter metadata", source)
+    fields = metadata_fields(meta, source)
+    fields["head_dim"] = head_dim(meta, source)  # None: no embedding head
     try:
-        _check_model(model, len(fields["class_names"]))
+        _check_model(model, len(fields["class_names"]), fields["head_dim"])
     except _Malformed as e:
         raise AdapterError(f"{source}: {e}; this is not the refiner graph craft-adapter exports, {RE_EXPORT}") from None
     return fields
@@ -204,7 +217,7 @@ def _metadata_json(model: dict[str, Any], source: str) -> str:
     return values[METADATA_KEY]
 
 
-def _check_model(model: dict[str, Any], c: int) -> None:
+def _check_model(model: dict[str, Any], c: int, d: int | None) -> None:
     if not MIN_IR <= model.get("ir_version", 0) <= MAX_IR:
         raise _Malformed(f"IR version {model.get('ir_version')} is outside {MIN_IR}..{MAX_IR}")
     opsets = [(o.get("domain", ""), o.get("version", 0)) for o in model.get("opset_import", [])]
@@ -212,35 +225,41 @@ def _check_model(model: dict[str, Any], c: int) -> None:
         raise _Malformed(f"it imports opsets {opsets[:4]}; a refiner uses only the default domain, opset "
                          f"{MIN_OPSET}..{MAX_OPSET}")
     graph = model.get("graph", {})
-    _check_io(graph, c)
-    _check_initializers(graph.get("initializer", []), c)
-    _check_nodes(graph.get("node", []))
+    _check_io(graph, c, d)
+    _check_initializers(graph.get("initializer", []), c, d)
+    _check_nodes(graph.get("node", []), PATTERN if d is None else HEAD_PATTERN)
 
 
-def _check_io(graph: dict[str, Any], c: int) -> None:
+def _check_io(graph: dict[str, Any], c: int, d: int | None) -> None:
     inputs, outputs = graph.get("input", []), graph.get("output", [])
-    if [v.get("name") for v in inputs] != [INPUT_NAME] or [v.get("name") for v in outputs] != list(OUTPUT_NAMES):
+    want = [INPUT_NAME] if d is None else [INPUT_NAME, EMBEDDING_NAME]
+    if [v.get("name") for v in inputs] != want or [v.get("name") for v in outputs] != list(OUTPUT_NAMES):
+        said = "no embedding head" if d is None else f"an embedding head of width {d}"
         raise _Malformed(f"its inputs are {[v.get('name', '')[:40] for v in inputs[:4]]} and outputs "
-                         f"{[v.get('name', '')[:40] for v in outputs[:4]]}, expected [{INPUT_NAME!r}] and "
-                         f"{list(OUTPUT_NAMES)}")
+                         f"{[v.get('name', '')[:40] for v in outputs[:4]]}, expected {want} and {list(OUTPUT_NAMES)} "
+                         f"(the metadata says {said})")
     for v in (*inputs, *outputs):
+        width = d if v["name"] == EMBEDDING_NAME else c
         tensor = v.get("type", {}).get("tensor_type", {})
         dims = tensor.get("shape", {}).get("dim", [])
         batch_ok = len(dims) == 2 and set(dims[0]) == {"dim_param"} and 0 < len(dims[0]["dim_param"]) <= 64
-        if tensor.get("elem_type") != FLOAT32 or not batch_ok or dims[1] != {"dim_value": c}:
-            raise _Malformed(f"{v['name']} must be float32 [batch, {c}] for the {c} classes in the metadata")
+        if tensor.get("elem_type") != FLOAT32 or not batch_ok or dims[1] != {"dim_value": width}:
+            what = f"embedding width {d}" if v["name"] == EMBEDDING_NAME else f"{c} classes"
+            raise _Malformed(f"{v['name']} must be float32 [batch, {width}] for the {what} in the metadata")
 
 
-def _check_initializers(inits: list[dict[str, Any]], c: int) -> None:
+def _check_initializers(inits: list[dict[str, Any]], c: int, d: int | None) -> None:
     names = [t.get("name", "") for t in inits]
-    if sorted(names) != sorted(REFINER_KEYS):
-        raise _Malformed(f"its initializers are {[n[:40] for n in names[:8]]}, expected exactly {list(REFINER_KEYS)}")
+    want = [*REFINER_KEYS, *([] if d is None else [HEAD_WEIGHT])]
+    if sorted(names) != sorted(want):
+        raise _Malformed(f"its initializers are {[n[:40] for n in names[:8]]}, expected exactly {want}")
     by_name = {t["name"]: t for t in inits}
     fc1 = by_name[REFINER_KEYS[0]].get("dims", [])
     h = fc1[0] if len(fc1) == 2 else 0
     if not 1 <= h <= MAX_HIDDEN:
         raise _Malformed(f"{REFINER_KEYS[0]} has dims {fc1[:4]}, expected [hidden, {c}] with hidden in 1..{MAX_HIDDEN}")
-    for name, dims in zip(REFINER_KEYS, ([h, c], [h], [c, h], [c]), strict=True):
+    shapes = [[h, c], [h], [c, h], [c], *([] if d is None else [[d, c]])]
+    for name, dims in zip(want, shapes, strict=True):
         t = by_name[name]
         if t.get("dims", []) != dims or t.get("data_type") != FLOAT32:
             raise _Malformed(f"{name} is {t.get('dims', [])[:4]} of type {t.get('data_type')}, expected float32 "
@@ -256,28 +275,29 @@ def _check_initializers(inits: list[dict[str, Any]], c: int) -> None:
             raise _Malformed(f"{name} is not finite or has huge values")
 
 
-def _check_nodes(nodes: list[dict[str, Any]]) -> None:
+def _check_nodes(nodes: list[dict[str, Any]], pattern: tuple) -> None:
     ops = [n.get("op_type", "")[:40] for n in nodes]
-    if ops != [p[0] for p in PATTERN]:
-        raise _Malformed(f"its nodes are {ops[:8]}, expected {[p[0] for p in PATTERN]}")
-    names = {INPUT_NAME, *OUTPUT_NAMES, *REFINER_KEYS}
-    slots: dict[str, str] = {}  # "t0".."t2" -> the tensor names this file gives them
-    for i, (node, (op, inputs, required, optional)) in enumerate(zip(nodes, PATTERN, strict=True)):
+    if ops != [p[0] for p in pattern]:
+        raise _Malformed(f"its nodes are {ops[:8]}, expected {[p[0] for p in pattern]}")
+    names = {INPUT_NAME, EMBEDDING_NAME, HEAD_WEIGHT, *OUTPUT_NAMES, *REFINER_KEYS}
+    slots: dict[str, str] = {}  # "tN" -> the tensor name this file gives node N's output
+    for i, (node, (op, inputs, required, optional, writes)) in enumerate(zip(nodes, pattern, strict=True)):
         if node.get("domain", "") not in DEFAULT_DOMAINS:
             raise _Malformed(f"node {i} ({op}) is in domain {node['domain'][:40]!r}; only the default domain is "
                              "allowed")
         outputs = node.get("output", [])
-        if len(outputs) != 1 or not 0 < len(outputs[0]) <= MAX_NAME_CHARS or (i < 3 and outputs[0] in names):
+        new = writes.startswith("t")
+        if len(outputs) != 1 or not 0 < len(outputs[0]) <= MAX_NAME_CHARS or (new and outputs[0] in names):
             raise _Malformed(f"node {i} ({op}) must write one new tensor, not {[o[:40] for o in outputs[:4]]}")
-        if i >= 3 and outputs[0] != OUTPUT_NAMES[i - 3]:  # the last two write the graph outputs
-            raise _Malformed(f"node {i} ({op}) writes {outputs[0][:40]!r}, expected {OUTPUT_NAMES[i - 3]!r}")
+        if not new and outputs[0] != writes:  # the graph outputs are written where the pattern says
+            raise _Malformed(f"node {i} ({op}) writes {outputs[0][:40]!r}, expected {writes!r}")
         wired = [slots.get(x, x) for x in inputs]
         if node.get("input", []) != wired:
             raise _Malformed(f"node {i} ({op}) reads {[x[:40] for x in node.get('input', [])[:4]]}, expected "
-                             f"{wired}: the graph is not x + fc2(relu(fc1(x))) then softmax")
+                             f"{wired}: the graph is not x + fc2(relu(fc1(x))) (+ the embedding head) then softmax")
         _check_attributes(node.get("attribute", []), required, optional, f"node {i} ({op})")
         names.add(outputs[0])
-        slots[f"t{i}"] = outputs[0]  # (t3, t4 are never read back)
+        slots[writes] = outputs[0]
 
 
 def _check_attributes(attrs: list[dict[str, Any]], required: dict[str, tuple[int, Any]],

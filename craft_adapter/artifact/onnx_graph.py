@@ -22,6 +22,8 @@ from craft_adapter.artifact.adapter_file import METADATA_KEY, REFINER_KEYS, Adap
 OPSET = 18
 IR_VERSION = 9  # onnxruntime >= 1.15 reads it; newer IR versions would shut out older deployments
 INPUT_NAME = "refiner_input"  # [batch, n_classes]: refiner_input(vendor scores, logit kind)
+EMBEDDING_NAME = "image_embedding"  # [batch, d]: the L2-normalised image embedding (adapters with a head only)
+HEAD_WEIGHT = "head.weight"  # [d, n_classes] initializer: (logit_scale * head.delta)^T, so the head is one MatMul
 OUTPUT_NAMES = ("refined_logits", "probabilities")  # both [batch, n_classes]
 BATCH_DIM = "batch"
 PRODUCER = "craft-adapter"
@@ -47,7 +49,8 @@ def metadata_props(adapter: Adapter) -> dict[str, str]:
         "logit_kind": adapter.logit_kind,
         "logit_scale": repr(float(adapter.logit_scale)),
         "refiner_input": meta["logits"]["refiner_input"],
-        "io": json.dumps({"input": INPUT_NAME, "outputs": list(OUTPUT_NAMES)}),
+        "io": json.dumps({"input": INPUT_NAME, "outputs": list(OUTPUT_NAMES)} if adapter.head is None else
+                         {"input": INPUT_NAME, "embedding_input": EMBEDDING_NAME, "outputs": list(OUTPUT_NAMES)}),
     }
 
 
@@ -85,27 +88,34 @@ def _tensor(name: str, array: np.ndarray) -> bytes:
     return b"".join([*(_int(1, d) for d in data.shape), _int(2, _FLOAT32), _str(8, name), _bytes(9, data.tobytes())])
 
 
-def _value_info(name: str, n_classes: int) -> bytes:
-    """ValueInfoProto of a float32 ``[batch, n_classes]`` tensor."""
-    shape = _bytes(1, _str(2, BATCH_DIM)) + _bytes(1, _int(1, n_classes))  # dim_param, then dim_value
+def _value_info(name: str, width: int) -> bytes:
+    """ValueInfoProto of a float32 ``[batch, width]`` tensor."""
+    shape = _bytes(1, _str(2, BATCH_DIM)) + _bytes(1, _int(1, width))  # dim_param, then dim_value
     return _str(1, name) + _bytes(2, _bytes(1, _int(1, _FLOAT32) + _bytes(2, shape)))
 
 
 def build_refiner_onnx(adapter: Adapter, metadata: dict[str, str] | None = None) -> bytes:
-    """The adapter's refiner as serialised ONNX: ``x + fc2(relu(fc1(x)))`` and its softmax, batch dynamic."""
+    """The adapter's refiner as serialised ONNX: ``x + fc2(relu(fc1(x)))`` and its softmax, batch dynamic; with an
+    embedding head, ``+ image_embedding @ head.weight`` before the softmax (a second input)."""
     fc1_w, fc1_b, fc2_w, fc2_b = REFINER_KEYS
+    head = adapter.head is not None
     nodes = [  # Gemm with transB=1 is what torch exports for nn.Linear
         _node("Gemm", [INPUT_NAME, fc1_w, fc1_b], ["hidden"], transB=1),
         _node("Relu", ["hidden"], ["hidden_relu"]),
         _node("Gemm", ["hidden_relu", fc2_w, fc2_b], ["delta"], transB=1),
-        _node("Add", [INPUT_NAME, "delta"], [OUTPUT_NAMES[0]]),
+        _node("Add", [INPUT_NAME, "delta"], ["refined_base" if head else OUTPUT_NAMES[0]]),
+        *([_node("MatMul", [EMBEDDING_NAME, HEAD_WEIGHT], ["head_logits"]),
+           _node("Add", ["refined_base", "head_logits"], [OUTPUT_NAMES[0]])] if head else []),
         _node("Softmax", [OUTPUT_NAMES[0]], [OUTPUT_NAMES[1]], axis=-1),
     ]
+    inits = [_tensor(k, adapter.refiner[k]) for k in REFINER_KEYS]
+    inputs = [_value_info(INPUT_NAME, adapter.n_classes)]
+    if head:
+        inits.append(_tensor(HEAD_WEIGHT, adapter.head_weight().T))
+        inputs.append(_value_info(EMBEDDING_NAME, adapter.head_dim))
     graph = b"".join([
-        *(_bytes(1, n) for n in nodes), _str(2, GRAPH_NAME),
-        *(_bytes(5, _tensor(k, adapter.refiner[k])) for k in REFINER_KEYS),
-        _bytes(11, _value_info(INPUT_NAME, adapter.n_classes)),
-        *(_bytes(12, _value_info(name, adapter.n_classes)) for name in OUTPUT_NAMES),
+        *(_bytes(1, n) for n in nodes), _str(2, GRAPH_NAME), *(_bytes(5, t) for t in inits),
+        *(_bytes(11, v) for v in inputs), *(_bytes(12, _value_info(name, adapter.n_classes)) for name in OUTPUT_NAMES),
     ])
     props = metadata_props(adapter) if metadata is None else metadata
     return b"".join([
