@@ -254,6 +254,13 @@ class BlackBox:
         """Scores ``[p, n, c]`` on every image of class-text embeddings ``text_emb [p, c, d]`` (no vendor call)."""
         return self._cosine_logits(text_emb)
 
+    def image_embeddings(self) -> np.ndarray:
+        """The image embeddings ``[n, d]`` this box scores with, in image order (fetched and charged first if not
+        yet, as :meth:`prepare_images`): for an embedding head trained on what the fit already paid for."""
+        if self.capabilities.style == "scoring":
+            raise TypeError("a scoring vendor returns scores, not image embeddings")
+        return self._images_embedded()
+
     def prepare_images(self) -> None:
         """Fetch the image embeddings now, charged as usual (a fit restored from a checkpoint resets the meter)."""
         self._images_embedded()

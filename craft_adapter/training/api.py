@@ -125,12 +125,19 @@ def few_shot_set(data: str | Path | LabeledImages | Sequence[Image.Image], cfg: 
 
 def metered_boxes(backend: EmbeddingBackend | ScoringBackend, train: LabeledImages, cfg: FitConfig,
                   cache: QueryCache | None = None) -> tuple[BlackBox, BlackBox | None, np.ndarray, np.ndarray]:
-    """The training and held-out views of ``backend`` on one meter carrying the fit's budget, and their labels."""
-    from craft_adapter.blackbox.box import BlackBox
+    """The training and held-out views of ``backend`` on one meter carrying the fit's budget, and their labels.
+
+    With ``cfg.embedding_head`` they are :class:`~craft_adapter.training.embedding_head.TappedBox` es, which keep the
+    class-text embeddings they were answered, so the head is trained after the loop without a vendor call.
+    """
     from craft_adapter.blackbox.meter import QueryMeter
     from craft_adapter.blackbox.retried_calls import RetryPolicy
     from craft_adapter.training.image_sets import split_holdout
 
+    if cfg.embedding_head:
+        from craft_adapter.training.embedding_head import TappedBox as BlackBox
+    else:
+        from craft_adapter.blackbox.box import BlackBox
     tr, ho = split_holdout(train.labels, cfg.n_holdout, cfg.seed)
     meter = QueryMeter(cfg.resolved_budget, cfg.budget_unit)
     policy = RetryPolicy(cfg.retries, cfg.retry_backoff, max_failed_calls=cfg.failure_cap)
@@ -157,6 +164,17 @@ def choose_temperature(box: BlackBox, hold: BlackBox | None, labels: np.ndarray,
         if b is not None:
             b.use_logit_scale(scale)
     return scale
+
+
+def check_embedding_head(backend: Any) -> None:
+    """:class:`SettingsError` unless ``backend`` returns embeddings, which ``embedding_head`` reads (checked before
+    any call)."""
+    caps = getattr(backend, "capabilities", None)
+    if getattr(caps, "style", None) != "embedding":
+        name = (getattr(backend, "identity", None) or {}).get("name", type(backend).__name__)
+        raise SettingsError(f"embedding_head (--embedding-head) needs a vendor that returns embeddings (the "
+                            "in-process model, openai-embeddings, cohere, voyage, embedding-api); "
+                            f"{name} returns only scores, so it keeps the logit refiner: drop --embedding-head")
 
 
 def vendor_from_url(url: str, protocol: str = "hf-zero-shot", model: str | None = None,
@@ -203,6 +221,8 @@ def fit_adapter(data: str | Path | LabeledImages | Sequence[Image.Image],
     backend = backend_or_vendor
     if isinstance(backend, str):
         backend = vendor_from_url(backend, protocol, timeout=cfg.timeout)
+    if cfg.embedding_head:
+        check_embedding_head(backend)
     train = few_shot_set(data, cfg, labels, class_names)
     if len(train.class_names) < 2:
         raise SettingsError(f"the few-shot data has one class ({train.class_names[0]!r}); a classifier needs at "
@@ -230,6 +250,10 @@ def fit_adapter(data: str | Path | LabeledImages | Sequence[Image.Image],
         scale = choose_temperature(box, hold, y_train, cfg.template)
         result = fit(box, hold, y_train, y_hold if hold else None, cfg, on_generation=on_progress,
                      checkpoints=checkpoints)
+        if cfg.embedding_head:  # after the loop, on what it paid for: the loop and its adapter are as without it
+            from craft_adapter.training.embedding_head import add_embedding_head
+
+            add_embedding_head(result.adapter, [(box, y_train)] + ([(hold, y_hold)] if hold else []), cfg.seed)
     except VendorUnavailable as e:
         raise VendorStopped(str(e)) from e
     except CacheError as e:
