@@ -28,10 +28,10 @@ from craft_adapter.testing.stub_vendor import stub_probabilities
 class Proc:
     """A subprocess that prints ``... at http://HOST:PORT`` on its first stdout line once it listens."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self._log = open(log, "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, cwd=cwd)
         line = self.proc.stdout.readline()
         if " at http" not in line:
             self.stop()
@@ -100,10 +100,15 @@ def start_reference_vendor(log: Path, model: str) -> Proc:
                  "--device", "cpu"], log)
 
 
-def start_server(adapter: Path, vendor_url: str, log: Path, *flags: str) -> Proc:
-    """``craft-adapter serve`` on a free loopback port, once it answers ``/healthz``."""
+def start_server(adapter: Path, vendor_url: str, log: Path, *flags: str, tree: Path | None = None) -> Proc:
+    """``craft-adapter serve`` on a free loopback port, once it answers ``/healthz``.
+
+    With ``tree``, from that source tree: ``python -m`` puts its working directory first on ``sys.path``, ahead of
+    ``PYTHONPATH``, so the server starts in ``tree`` (else the checkout's own package would be imported).
+    """
     proc = Proc([sys.executable, "-m", "craft_adapter.cli", "serve", str(adapter), "--vendor", vendor_url,
-                 "--port", "0", *flags], log)  # access log on, as deployed (to the log file)
+                 "--port", "0", *flags], log, env={"PYTHONPATH": str(tree)} if tree else None,
+                cwd=tree)  # access log on, as deployed (to the log file)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:

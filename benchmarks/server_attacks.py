@@ -1,7 +1,7 @@
 """Attack benchmark: ``craft-adapter serve`` (one worker) under each attack class, as real processes on loopback.
 
     .venv/bin/python benchmarks/server_attacks.py [--duration 15] [--long-duration 40] [--phases idle,...,mix]
-        [--out benchmarks/results/server_attacks.json]
+        [--nice -10] [--tree DIR] [--out benchmarks/results/server_attacks.json]
 
 Four processes: the stub vendor (20 ms latency; its faults switched per phase through its stdin), the server, an
 attacker and an observer. For each phase the attacker runs one attack class (:mod:`attack_clients`) for a fixed
@@ -17,7 +17,8 @@ at 1 byte/s; ``slow_body`` 100 bodies of 1 MB at 1 byte/s (long: the body deadli
 M-pixel WebP/PNG of a few KB, 16 clients and batches of 16; ``deep_json`` JSON nested 100,000 deep;
 ``oversized`` bodies past the limit and junk just under it; ``vendor`` half the vendor's replies a gzip bomb, an
 endless 600 MB stream or a redirect, under 16 more clients; ``mix`` all of them at once (long).
-Goals: RSS never above 512 MB, ``/healthz`` p99 under 100 ms, no 500.
+Goals: RSS never above 512 MB, ``/healthz`` p99 under 100 ms, no 500. ``--tree DIR`` runs the server from
+another source tree (e.g. an older commit's, from ``git archive``) for side-by-side runs.
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ def main() -> None:
     ap.add_argument("--nice", type=int, default=0, help="nice value of the server, vendor and observer (e.g. -10: "
                     "on a shared machine, other work and the attacker's own CPU then do not delay them)")
     ap.add_argument("--profile", type=Path, default=None, help="folder for py-spy stacks of the server per phase")
+    ap.add_argument("--tree", type=Path, default=None, help="run the server from this source tree")
     ap.add_argument("--phase", default="")
     ap.add_argument("--url", default="")
     ap.add_argument("--start-at", type=float, default=0.0)
@@ -215,6 +217,8 @@ def main() -> None:
         return
     from attack_clients import make_bombs
 
+    if args.tree is not None:
+        args.tree = args.tree.resolve()
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -223,7 +227,8 @@ def main() -> None:
         stub = Stub(tmp / "stub.log", args.latency)
         server = None
         try:
-            server = start_server(tmp / "adapter.safetensors", stub.url + "/", tmp / "server.log", "--workers", "1")
+            server = start_server(tmp / "adapter.safetensors", stub.url + "/", tmp / "server.log", "--workers", "1",
+                                  tree=args.tree)
             for pid in (*_pids(server), stub.proc.pid):
                 renice(pid, args.nice)
             for phase in args.phases.split(","):
@@ -237,6 +242,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "goals": GOALS, "cpus": os.cpu_count(), "nice": args.nice, "stub_latency_s": args.latency, "workers": 1,
+        "tree": str(args.tree) if args.tree else None,
         "all_goals_met": bool(np.all([all(r["goals_met"].values()) for r in rows])), "phases": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 

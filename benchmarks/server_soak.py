@@ -11,7 +11,7 @@ time per request (over the whole run and over the last 8 minutes) and the 1-minu
 the run (the load driver and other work share the machine's cores; CPU time, unlike wall time, is measured on
 the server process alone). With ``--profile-s`` py-spy samples the server for that long from the middle of
 the run, and its stacks are summed by where the time is spent (:mod:`profile_summary`). ``--tree DIR`` runs
-the server from another source tree (``PYTHONPATH=DIR``, e.g. an older commit) for side-by-side runs.
+the server from another source tree (e.g. an older commit's, from ``git archive``) for side-by-side runs.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ async def soak(args: argparse.Namespace, tmp: Path) -> dict:
     spy = None
     try:
         server = start_server(tmp / "adapter.safetensors", stub.url + "/", tmp / "server.log", "--workers", "1",
-                              "--max-vendor-in-flight", str(args.clients))
+                              "--max-vendor-in-flight", str(args.clients), tree=args.tree)
         answered = [0]
         n_pools = -(-args.clients // 8)  # small pools, as in server_load.py
         limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
@@ -114,12 +114,12 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.02, help="the stub vendor's latency in seconds")
     ap.add_argument("--profile-s", type=float, default=60.0, help="py-spy window from mid-run; 0: none")
     ap.add_argument("--keep-profile", type=Path, default=None, help="also save py-spy's raw stacks here")
-    ap.add_argument("--tree", type=Path, default=None, help="run the server from this source tree (PYTHONPATH)")
+    ap.add_argument("--tree", type=Path, default=None, help="run the server from this source tree")
     ap.add_argument("--label", default="current")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/server_soak.json"))
     args = ap.parse_args()
     if args.tree is not None:
-        os.environ["PYTHONPATH"] = str(args.tree.resolve())
+        args.tree = args.tree.resolve()
     with tempfile.TemporaryDirectory() as tmp:
         row = asyncio.run(soak(args, Path(tmp)))
     summary = {k: v for k, v in row.items() if k not in ("rss_mb", "profile")}
