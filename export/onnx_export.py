@@ -2,7 +2,9 @@
 
 Nothing is written unless ``onnx.checker`` and the runtime's own refiner check
 (:mod:`craft_adapter.artifact.onnx_check`) pass and onnxruntime matches the torch refiner within ``atol`` at
-every checked batch size. The difference from the artifact's numpy reference forward is reported too.
+every checked batch size. The difference from the artifact's numpy reference forward is reported too. An adapter
+with an embedding head exports a graph with a second input, the image embedding ``[batch, d]``, and is checked the
+same way, on sample embeddings as well as sample scores.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ import torch
 
 from craft_adapter.artifact.adapter_file import Adapter, AdapterError, refiner_input
 from craft_adapter.artifact.onnx_check import check_refiner_onnx
-from craft_adapter.artifact.onnx_graph import BATCH_DIM, INPUT_NAME, OUTPUT_NAMES, metadata_props
+from craft_adapter.artifact.onnx_graph import (
+    BATCH_DIM,
+    EMBEDDING_NAME,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    metadata_props,
+)
 from craft_adapter.serve.session import make_session
 from craft_adapter.training.refiner import Refiner
 
@@ -32,17 +40,35 @@ class ExportError(RuntimeError):
     """The export failed a check; nothing was written."""
 
 
+class EmbeddingHead(torch.nn.Module):
+    """``e @ weight`` with ``weight = (logit_scale * head.delta)^T [d, c]``: traced as one MatMul on ``head.weight``."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        super().__init__()
+        # its initializer is named by its place in RefinerWithSoftmax: "head" + "weight" = onnx_graph.HEAD_WEIGHT
+        self.weight = torch.nn.Parameter(torch.from_numpy(np.ascontiguousarray(adapter.head_weight().T)))
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        """The head's logits ``[batch, c]`` from L2-normalised image embeddings ``e [batch, d]``."""
+        return e @ self.weight
+
+
 class RefinerWithSoftmax(torch.nn.Module):
-    """The fit's torch :class:`~craft_adapter.refiner.Refiner` with the adapter's weights, plus its softmax."""
+    """The fit's torch :class:`~craft_adapter.refiner.Refiner` with the adapter's weights (plus its embedding head,
+    if it has one), and the softmax."""
 
     def __init__(self, adapter: Adapter) -> None:
         super().__init__()
         self.refiner = Refiner.from_arrays(adapter.refiner)  # initializers keep the adapter's tensor names
+        self.head = EmbeddingHead(adapter) if adapter.head is not None else None
         self.eval()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Refined logits and their softmax, both ``[batch, n_classes]``, from refiner input ``x``."""
+    def forward(self, x: torch.Tensor, e: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Refined logits and their softmax, both ``[batch, n_classes]``, from refiner input ``x`` (and the image
+        embeddings ``e [batch, d]`` for an adapter with a head)."""
         refined = self.refiner(x)
+        if self.head is not None:
+            refined = refined + self.head(e)
         return refined, torch.softmax(refined, dim=-1)
 
 
@@ -74,21 +100,39 @@ def sample_scores(adapter: Adapter, batch: int, seed: int = 0) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
+def sample_embeddings(adapter: Adapter, batch: int, seed: int = 0) -> np.ndarray | None:
+    """Random L2-normalised image embeddings ``[batch, d]`` for an adapter with a head (None without one)."""
+    if adapter.head is None:
+        return None
+    e = np.random.default_rng(seed + 7919 * batch).normal(size=(batch, adapter.head_dim))
+    return (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _inputs(adapter: Adapter, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Sample vendor scores, the refiner input made from them, and sample embeddings (None without a head)."""
+    scores = sample_scores(adapter, batch, seed)
+    return scores, refiner_input(scores, adapter.logit_kind), sample_embeddings(adapter, batch, seed)
+
+
 def trace_refiner(adapter: Adapter, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """The torch refiner traced to ONNX (TorchScript exporter), with the adapter's metadata attached."""
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
     module = RefinerWithSoftmax(adapter)
-    example = torch.from_numpy(refiner_input(sample_scores(adapter, 2), adapter.logit_kind))
+    _, x, e = _inputs(adapter, 2, 0)
+    example = (torch.from_numpy(x),) if e is None else (torch.from_numpy(x), torch.from_numpy(e))
+    names = [INPUT_NAME] if e is None else [INPUT_NAME, EMBEDDING_NAME]
     buf = io.BytesIO()
-    dynamic = {name: {0: BATCH_DIM} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+    dynamic = {name: {0: BATCH_DIM} for name in (*names, *OUTPUT_NAMES)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation on every call
-        torch.onnx.export(module, (example,), buf, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+        torch.onnx.export(module, example, buf, input_names=names, output_names=list(OUTPUT_NAMES),
                           dynamic_axes=dynamic, opset_version=opset, dynamo=False, do_constant_folding=True)
     model = onnx.load_from_string(buf.getvalue())
     onnx.helper.set_model_props(model, metadata_props(adapter))
-    model.doc_string = "craft-adapter refiner: refined = x + fc2(relu(fc1(x))), probabilities = softmax(refined)"
+    model.doc_string = ("craft-adapter refiner: refined = x + fc2(relu(fc1(x)))"
+                        + ("" if e is None else " + image_embedding @ head.weight")
+                        + ", probabilities = softmax(refined)")
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as e:
@@ -105,15 +149,16 @@ def check_parity(model_bytes: bytes, adapter: Adapter, batches: tuple[int, ...] 
     module64 = RefinerWithSoftmax(adapter).double()
     diffs: dict[str, dict[int, float]] = {"torch": {}, "numpy": {}, "float32_floor": {}}
     for batch in batches:
-        scores = sample_scores(adapter, batch, seed)
-        x = refiner_input(scores, adapter.logit_kind)
-        got_refined, got_probs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+        scores, x, e = _inputs(adapter, batch, seed)
+        feed = {INPUT_NAME: x} if e is None else {INPUT_NAME: x, EMBEDDING_NAME: e}
+        got_refined, got_probs = session.run(list(OUTPUT_NAMES), feed)
+        args = [torch.from_numpy(v) for v in feed.values()]
         with torch.no_grad():
-            want_refined, want_probs = (t.numpy() for t in module(torch.from_numpy(x)))
-            exact = module64(torch.from_numpy(x).double())[0].numpy()
+            want_refined, want_probs = (t.numpy() for t in module(*args))
+            exact = module64(*(a.double() for a in args))[0].numpy()
         diffs["torch"][batch] = float(max(np.abs(got_refined - want_refined).max(),
                                           np.abs(got_probs - want_probs).max()))
-        diffs["numpy"][batch] = float(np.abs(got_refined - adapter.refine(scores)).max())
+        diffs["numpy"][batch] = float(np.abs(got_refined - adapter.refine(scores, e)).max())
         diffs["float32_floor"][batch] = float(np.abs(want_refined - exact).max())
     return diffs
 

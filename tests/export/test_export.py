@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,9 +19,10 @@ from craft_adapter.cli.shipping import register
 
 # isort: split
 # (export/ and serve/ install as craft_adapter.export and .serve; ruff cannot place them, so they sort apart)
-from craft_adapter.artifact.onnx_graph import INPUT_NAME, OUTPUT_NAMES, build_refiner_onnx
+from craft_adapter.artifact.onnx_graph import EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAMES, build_refiner_onnx
 from craft_adapter.export import ExportError, RefinerWithSoftmax, export_onnx, onnx_export
 from craft_adapter.serve.session import make_session
+from craft_adapter.serve.shipped import ShippedAdapter
 
 
 def _app() -> typer.Typer:
@@ -127,3 +129,35 @@ def test_cli_export_refuses_a_newer_adapter(tmp_path: Path) -> None:
     result = CliRunner().invoke(_app(), ["export", "--onnx", str(path)])
     assert result.exit_code == 2 and "upgrade craft-adapter" in result.output
     assert not path.with_suffix(".onnx").exists()
+
+
+def head_adapter(n_classes: int = 6, dim: int = 24, seed: int = 2) -> Adapter:
+    """A logits adapter with an embedding head (the values a fit gives: deltas small next to unit text embeddings)."""
+    base = synthetic_adapter(n_classes, 32, logit_kind="logits", seed=seed)
+    head = 0.05 * np.random.default_rng(seed).normal(size=(n_classes, dim))
+    return dataclasses.replace(base, head=head.astype(np.float32))
+
+
+def test_an_adapter_with_a_head_exports_a_two_input_graph_that_onnxruntime_runs_as_numpy_does(tmp_path: Path) -> None:
+    adapter = head_adapter()
+    path = adapter.save(tmp_path / "head.safetensors")
+    report = export_onnx(path)
+    assert max(report.max_abs_diff_torch.values()) <= 1e-5 and max(report.max_abs_diff_numpy.values()) <= 1e-5
+    model = onnx.load(report.path)
+    assert [i.name for i in model.graph.input] == [INPUT_NAME, EMBEDDING_NAME]
+    assert model.graph.input[1].type.tensor_type.shape.dim[1].dim_value == 24
+    session = make_session(report.path.read_bytes(), device="cpu")
+    rng = np.random.default_rng(3)
+    scores = (20 * rng.normal(0.2, 0.05, size=(17, 6))).astype(np.float32)
+    e = rng.normal(size=(17, 24))
+    e = (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32)
+    refined, _ = session.run(list(OUTPUT_NAMES), {INPUT_NAME: scores, EMBEDDING_NAME: e})
+    np.testing.assert_allclose(refined, adapter.refine(scores, e), atol=1e-5)
+    with torch.no_grad():
+        want = RefinerWithSoftmax(adapter)(torch.from_numpy(scores), torch.from_numpy(e))[0].numpy()
+    np.testing.assert_allclose(refined, want, atol=1e-5)
+    without = adapter.refine(scores, np.zeros_like(e))
+    assert np.abs(refined - without).max() > 0.1  # the head is in the graph, not dropped
+    shipped = ShippedAdapter.load(report.path)
+    assert shipped.head_dim == 24
+    np.testing.assert_allclose(shipped.refine(scores, e)[0], refined, atol=1e-6)
