@@ -2,7 +2,8 @@
 
 Per request: the vendor scores the images against the adapter's learned prompt (one prompt per class); the
 scores are checked (shape, finiteness) and preprocessed exactly as in fit (``refiner_input``); the refiner
-and its softmax run in one onnxruntime call; the argmax gives the label.
+and its softmax run in one onnxruntime call; the argmax gives the label. An adapter with an embedding head also
+reads the image embeddings the (embedding) vendor returned for those images: no extra vendor call.
 
 Vendor calls are as sturdy as the server's (:mod:`craft_adapter.serve.vendor_binding`): transient faults are retried
 under a :class:`~craft_adapter.vendors.retries.RetryPolicy` (fit's rules, one implementation), a scoring vendor's
@@ -21,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from craft_adapter.serve.shipped import ShippedAdapter
-from craft_adapter.serve.vendor_binding import DEFAULT_CONCURRENCY, bind_vendor
+from craft_adapter.serve.vendor_binding import DEFAULT_CONCURRENCY, bind_vendor_outputs
 from craft_adapter.vendors.replies import check_scores
 from craft_adapter.vendors.retries import RetryPolicy
 
@@ -69,7 +70,7 @@ class AdapterRuntime:
     def __init__(self, adapter: ShippedAdapter, vendor: Any, retry: RetryPolicy | None = None,
                  concurrency: int = DEFAULT_CONCURRENCY) -> None:
         self.adapter = adapter
-        self._vendor_scores = bind_vendor(vendor, adapter, retry, concurrency)
+        self._vendor_outputs = bind_vendor_outputs(vendor, adapter, retry, concurrency)  # refuses a head it can't feed
 
     @classmethod
     def load(cls, path: str | Path, vendor: Any, device: str = "auto", retry: RetryPolicy | None = None,
@@ -84,18 +85,25 @@ class AdapterRuntime:
 
     def vendor_scores(self, images: Sequence[Image.Image]) -> np.ndarray:
         """The vendor's raw scores ``[n, c]`` for ``images`` under the learned prompt, checked."""
-        return check_scores(self._vendor_scores(images), len(images), self.adapter.n_classes)
+        return self.vendor_outputs(images)[0]
 
-    def predict_scores(self, scores: np.ndarray) -> Predictions:
-        """Predictions from vendor scores ``[n, c]`` already in hand: the runtime's own work per request."""
-        return self._refined(check_scores(scores, len(scores), self.adapter.n_classes))
+    def vendor_outputs(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The vendor's checked raw scores ``[n, c]`` and, from an embedding vendor, the L2-normalised image
+        embeddings ``[n, d]`` it returned with them (None from a vendor that returns only scores)."""
+        scores, embeddings = self._vendor_outputs(images)
+        return check_scores(scores, len(images), self.adapter.n_classes), embeddings
+
+    def predict_scores(self, scores: np.ndarray, embeddings: np.ndarray | None = None) -> Predictions:
+        """Predictions from vendor scores ``[n, c]`` already in hand (and, for an adapter with an embedding head,
+        the image embeddings ``[n, d]`` from :meth:`vendor_outputs`): the runtime's own work per request."""
+        return self._refined(check_scores(scores, len(scores), self.adapter.n_classes), embeddings)
 
     def predict(self, images: Sequence[Image.Image]) -> Predictions:
         """Predictions for a batch of images (vendor call, then refinement)."""
-        return self._refined(self.vendor_scores(images))
+        return self._refined(*self.vendor_outputs(images))
 
-    def _refined(self, scores: np.ndarray) -> Predictions:
-        refined, probs = self.adapter.refine(scores)
+    def _refined(self, scores: np.ndarray, embeddings: np.ndarray | None = None) -> Predictions:
+        refined, probs = self.adapter.refine(scores, embeddings)
         return Predictions(self.adapter.class_names, probs, refined)
 
     def predict_one(self, image: Image.Image) -> Prediction:

@@ -12,6 +12,11 @@ Three shapes are accepted, checked in this order:
   called once per image, with at most ``concurrency`` calls in flight; answers are placed by index, so the result
   never depends on which call finished first, and after a call fails for good nothing more is sent.
 
+An adapter with an embedding head also reads the image embeddings an embedding vendor returns:
+:func:`bind_vendor_outputs` gives them beside the scores (L2-normalised, as the cosine uses them), and binding such
+an adapter to a vendor that returns only scores (a callable, a scoring vendor) is an :class:`AdapterError`, as is
+an embedding vendor whose embeddings are not as wide as the head (found at its first answer).
+
 Every vendor call goes through the one retry loop (:func:`~craft_adapter.vendors.retries.call_with_retries`, the
 rules fit and the server follow), with each answer checked inside it, so a garbled answer is retried like a 503.
 A vendor fault of any vendor class (our clients' errors, requests/httpx/huggingface_hub HTTP errors, timeouts,
@@ -36,6 +41,8 @@ from craft_adapter.vendors.replies import PROBABILITY_KINDS, check_answer, unit_
 from craft_adapter.vendors.retries import RetryPolicy, call_with_retries
 
 Scores = Callable[[Sequence[Image.Image]], np.ndarray]  # images -> raw vendor scores [n, c]
+# images -> (raw vendor scores [n, c], L2-normalised image embeddings [n, d] or None when the vendor gives none)
+Outputs = Callable[[Sequence[Image.Image]], tuple[np.ndarray, np.ndarray | None]]
 DEFAULT_CONCURRENCY = 8  # scoring calls in flight per batch
 
 
@@ -60,6 +67,31 @@ def bind_vendor(vendor: Any, adapter: ShippedAdapter, retry: RetryPolicy | None 
                 concurrency: int = DEFAULT_CONCURRENCY) -> Scores:
     """A function from images to raw vendor scores ``[n, c]`` that sends ``adapter``'s learned prompt, retrying
     transient faults under ``retry`` and running a scoring vendor's per-image calls ``concurrency`` at a time."""
+    outputs = bind_vendor_outputs(vendor, adapter, retry, concurrency)
+    return lambda images: outputs(images)[0]
+
+
+def head_problem(vendor: Any, head_dim: int | None, source: str = "this adapter") -> str | None:
+    """Why an adapter with an embedding head (``head_dim`` not None) cannot read ``vendor``'s answers, or None."""
+    if head_dim is None:
+        return None
+    embeds = isinstance(vendor, EmbeddingBackend) and not isinstance(vendor, CallableVendor)
+    if not embeds:
+        return (f"{source} has an embedding head, which reads the image embeddings an embedding vendor returns "
+                f"(in-process model, openai-embeddings, cohere, voyage, embedding-api); "
+                f"{'a zero-shot vendor' if vendor is None else type(vendor).__name__} returns only scores: serve "
+                "it through the embedding vendor it was fitted on, or refit it without --embedding-head")
+    return None
+
+
+def bind_vendor_outputs(vendor: Any, adapter: ShippedAdapter, retry: RetryPolicy | None = None,
+                        concurrency: int = DEFAULT_CONCURRENCY) -> Outputs:
+    """As :func:`bind_vendor`, giving also the image embeddings an embedding vendor returned (else None); an
+    adapter with an embedding head is refused (:class:`AdapterError`) unless the vendor returns them."""
+    head_dim = getattr(adapter, "head_dim", None)
+    problem = head_problem(vendor, head_dim)
+    if problem:
+        raise AdapterError(problem)
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     calls = _Calls(retry or RetryPolicy())
@@ -74,36 +106,43 @@ def bind_vendor(vendor: Any, adapter: ShippedAdapter, retry: RetryPolicy | None 
         return _soft_scores(vendor, adapter, calls)
     if isinstance(vendor, CallableVendor) or (callable(vendor) and not isinstance(
             vendor, (EmbeddingBackend, ScoringBackend))):
-        return lambda images: calls.call(lambda: vendor(images, list(prompts)), lambda a: check_answer(
-            a, (len(images), c), probabilities=probabilities))
+        return lambda images: (calls.call(lambda: vendor(images, list(prompts)), lambda a: check_answer(
+            a, (len(images), c), probabilities=probabilities)), None)
     if isinstance(vendor, EmbeddingBackend):
-        return _cosine_scores(vendor, adapter.logit_scale, lambda: vendor.embed_texts(prompts), calls)
+        return _cosine_scores(vendor, adapter.logit_scale, lambda: vendor.embed_texts(prompts), calls, head_dim)
     if isinstance(vendor, ScoringBackend):
-        return lambda images: _scoring_scores(vendor, images, names, template, calls, concurrency, probabilities)
+        return lambda images: (_scoring_scores(vendor, images, names, template, calls, concurrency, probabilities),
+                               None)
     raise TypeError(f"{type(vendor).__name__} is not a vendor: pass a callable (images, prompts) -> scores, an "
                     "embedding client (embed_images/embed_texts) or a scoring client (score)")
 
 
-def _soft_scores(vendor: Any, adapter: ShippedAdapter, calls: _Calls) -> Scores:
+def _soft_scores(vendor: Any, adapter: ShippedAdapter, calls: _Calls) -> Outputs:
     if adapter.ctx is None or not callable(getattr(vendor, "embed_soft", None)):
         raise AdapterError("this adapter was fitted with soft prompts (context vectors), which a string API cannot "
                            "take: serve the .safetensors file (it carries prompt.ctx) with a vendor that accepts "
                            "context vectors (embed_soft), or refit with text prompts for a string API")
     ctx = adapter.ctx[None]  # [1, n_ctx, width]
     return _cosine_scores(vendor, adapter.logit_scale, lambda: vendor.embed_soft(ctx, adapter.class_names)[0],
-                          calls)
+                          calls, getattr(adapter, "head_dim", None))
 
 
-def _cosine_scores(vendor: Any, scale: float, class_embeddings: Callable[[], Any], calls: _Calls) -> Scores:
+def _cosine_scores(vendor: Any, scale: float, class_embeddings: Callable[[], Any], calls: _Calls,
+                   head_dim: int | None = None) -> Outputs:
     cache: list[np.ndarray] = []
 
-    def scores(images: Sequence[Image.Image]) -> np.ndarray:
+    def outputs(images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         if not cache:  # the prompt never changes, so its text embeddings are fetched once, on first use
-            cache.append(unit_rows(calls.call(class_embeddings, lambda a: check_answer(a, (None, None)))))  # [c, d]
+            text = unit_rows(calls.call(class_embeddings, lambda a: check_answer(a, (None, None))))  # [c, d]
+            if head_dim is not None and text.shape[1] != head_dim:  # the image embeddings are checked against it
+                raise AdapterError(f"the adapter's embedding head reads {head_dim}-dimensional embeddings, but the "
+                                   f"vendor returns {text.shape[1]}-dimensional ones: serve it with the model it was "
+                                   "fitted on")
+            cache.append(text)
         d = cache[0].shape[1]
-        emb = calls.call(lambda: vendor.embed_images(images), lambda a: check_answer(a, (len(images), d)))
-        return scale * (unit_rows(emb) @ cache[0].T)  # [n, c]
-    return scores
+        emb = unit_rows(calls.call(lambda: vendor.embed_images(images), lambda a: check_answer(a, (len(images), d))))
+        return scale * (emb @ cache[0].T), emb  # [n, c], [n, d]
+    return outputs
 
 
 def _scoring_scores(vendor: Any, images: Sequence[Image.Image], names: list[str], template: str, calls: _Calls,

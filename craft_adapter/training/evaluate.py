@@ -9,6 +9,9 @@ softmax for a scoring vendor). Both therefore apply the same preprocessing, by c
 
 :func:`evaluate_adapter` (through a metered :class:`BlackBox`, for ``demo``) converts the box's scores to the
 adapter's kind with :func:`vendor_equivalent` first; the eval agreement tests hold it to the runtime's numbers.
+An adapter with an embedding head is refined with the image embeddings the vendor returned with the scores, in
+both paths (the runtime's :meth:`~craft_adapter.serve.runtime.AdapterRuntime.vendor_outputs`, and the box's
+:meth:`~craft_adapter.blackbox.box.BlackBox.image_embeddings`).
 """
 
 from __future__ import annotations
@@ -160,8 +163,10 @@ def evaluate_runtime(runtime: AdapterRuntime, images: Sequence[Image.Image], lab
     that hand-written prompt's zero-shot scores through the same vendor."""
     if not len(images):
         raise ValueError("nothing to evaluate: the image set is empty")
-    scores = np.concatenate([runtime.vendor_scores(batch) for batch in batches(images, batch_size)])
-    probabilities = runtime.predict_scores(scores).probabilities
+    outputs = [runtime.vendor_outputs(batch) for batch in batches(images, batch_size)]
+    scores = np.concatenate([s for s, _ in outputs])
+    embeddings = None if any(e is None for _, e in outputs) else np.concatenate([e for _, e in outputs])
+    probabilities = runtime.predict_scores(scores, embeddings).probabilities
     zs = None
     if vendor is not None and zero_shot_template is not None:
         zs = prompt_scores(vendor, runtime.class_names, zero_shot_template, images, batch_size)
@@ -179,7 +184,12 @@ def adapted_scores(box: BlackBox, adapter: Adapter) -> tuple[np.ndarray, np.ndar
     elif adapter.logit_kind != "probabilities":  # a scoring vendor's probabilities cannot be turned into logits
         raise AdapterError(f"the adapter was fitted on vendor {adapter.logit_kind}, but this backend returns "
                            "probabilities; evaluate it with the kind of vendor it was fitted with")
-    return raw, adapter.refine(raw)
+    if adapter.head is None:
+        return raw, adapter.refine(raw)
+    if box.capabilities.style != "embedding":
+        raise AdapterError("the adapter has an embedding head, which reads image embeddings; this backend returns "
+                           "only scores: evaluate it with the embedding vendor it was fitted on")
+    return raw, adapter.refine(raw, unit_rows(box.image_embeddings()))  # already paid with the scores
 
 
 def evaluate_adapter(box: BlackBox, labels: np.ndarray, adapter: Adapter,

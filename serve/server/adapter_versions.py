@@ -84,10 +84,11 @@ def check_adapter_bytes(raw: bytes, suffix: str, source: str, vendor: Any = None
         fields = check_refiner_onnx(raw, source)
         names, template, mode, kind = list(fields["class_names"]), fields["template"], fields["mode"], \
             fields["logit_kind"]
+        head_dim = fields["head_dim"]
     else:
         a = Adapter.from_bytes(raw, source)
-        names, template, mode, kind = a.class_names, a.template, a.mode, a.logit_kind
-    problem = servable_problem(mode, kind, source, vendor)
+        names, template, mode, kind, head_dim = a.class_names, a.template, a.mode, a.logit_kind, a.head_dim
+    problem = servable_problem(mode, kind, source, vendor, head_dim)
     if problem:
         raise AdapterError(problem)
     return names, template

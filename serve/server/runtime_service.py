@@ -3,9 +3,10 @@
 :class:`ThreadedVendor` holds the one vendor :func:`~craft_adapter.vendors.registry.make_vendor` built for
 ``--protocol`` (embedding clients are synchronous httpx and thread-safe) and a thread pool of
 ``max_vendor_in_flight`` workers shared by every adapter. :class:`RuntimeService` scores a request's images
-exactly as :meth:`AdapterRuntime.vendor_scores <craft_adapter.serve.runtime.AdapterRuntime.vendor_scores>` does
-(same prompt, same retry rules under the server's ``--retries``/``--backoff``, same checks), then refines them
-as every service does (:class:`~.service.ServedAdapter`), so an answer equals the runtime's ``predict``.
+exactly as :meth:`AdapterRuntime.vendor_outputs <craft_adapter.serve.runtime.AdapterRuntime.vendor_outputs>` does
+(same prompt, same retry rules under the server's ``--retries``/``--backoff``, same checks, and the image
+embeddings an embedding vendor returned, which an adapter with an embedding head reads), then refines them as
+every service does (:class:`~.service.ServedAdapter`), so an answer equals the runtime's ``predict``.
 
 Why a dedicated pool rather than ``anyio.to_thread``: a request that reaches its deadline is answered at once
 and its call is abandoned, and anyio hands an abandoned call's limiter slot back before its thread ends. Here a
@@ -31,10 +32,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
-import numpy as np
 from PIL import Image
 
 from craft_adapter.artifact.adapter_file import AdapterError
@@ -50,6 +50,8 @@ from craft_adapter.vendors.credentials import Secret
 from craft_adapter.vendors.faults import VendorError
 from craft_adapter.vendors.registry import BUILTIN, make_vendor
 from craft_adapter.vendors.retries import RetryPolicy
+
+T = TypeVar("T")  # what a vendor call gives back
 
 
 def _causes(error: BaseException) -> Iterator[BaseException]:
@@ -99,7 +101,7 @@ class ThreadedVendor:
                                  max_backoff_s=config.backoff_max_s)
         self._pool = ThreadPoolExecutor(config.max_vendor_in_flight, thread_name_prefix="vendor")
 
-    async def run(self, work: Callable[[], np.ndarray], cost: int, deadline: float) -> np.ndarray:
+    async def run(self, work: Callable[[], T], cost: int, deadline: float) -> T:
         """``work()`` on a worker thread by ``deadline``, ``cost`` decoded bytes held until it ends; or a failure."""
         loop, started = asyncio.get_running_loop(), threading.Event()
         remaining = deadline - time.monotonic()
@@ -110,7 +112,7 @@ class ThreadedVendor:
             raise VendorFailure("vendor_busy", "the server's decode budget stayed full until the request's "
                                 "deadline; retry later") from None
 
-        def call() -> np.ndarray:
+        def call() -> T:
             started.set()
             loop.call_soon_threadsafe(self.metrics.vendor_in_flight.add, 1)
             try:
@@ -171,8 +173,9 @@ class RuntimeService(ServedAdapter):
     async def classify(self, images: list[bytes], deadline: float) -> Classified:
         """Refined predictions for checked image bytes, or a :class:`VendorFailure`; all the batch or nothing."""
         cost = sum(decode_cost(b, self.vendor.config.max_image_pixels) for b in images)
-        scores = await self.vendor.run(lambda: self.runtime.vendor_scores(decode(images)), cost, deadline)
-        return self.classified(scores)
+        scores, embeddings = await self.vendor.run(lambda: self.runtime.vendor_outputs(decode(images)), cost,
+                                                   deadline)
+        return self.classified(scores, embeddings)
 
 
 def protocol_vendor(config: ServerConfig, key: Secret | None) -> Any | None:

@@ -28,16 +28,23 @@ from craft_adapter.serve.server.inputs import ApiError, hf_request
 from craft_adapter.serve.server.vendor_pool import VendorFailure, ZeroShotVendorClient
 from craft_adapter.serve.shipped import ShippedAdapter
 from craft_adapter.serve.vendor_binding import _returns as vendor_returns  # the runtime's rule, not a copy
+from craft_adapter.serve.vendor_binding import head_problem
 from craft_adapter.vendors.replies import SIGMOID, SOFTMAX, zero_shot_reply
 
 
-def servable_problem(mode: str, logit_kind: str, source: str, vendor: Any = None) -> str | None:
-    """Why an adapter of this mode and logit kind cannot sit in front of ``vendor``, or None.
+def servable_problem(mode: str, logit_kind: str, source: str, vendor: Any = None,
+                     head_dim: int | None = None) -> str | None:
+    """Why an adapter of this mode and logit kind (with an embedding head of width ``head_dim``, if any) cannot sit
+    in front of ``vendor``, or None.
 
     ``vendor`` None is the server's Hugging Face zero-shot client (probability scores); otherwise it is the vendor
-    :func:`~craft_adapter.vendors.registry.make_vendor` built, judged by what it returns and whether it takes
-    context vectors (``embed_soft``), as the runtime binds it (:mod:`craft_adapter.serve.vendor_binding`).
+    :func:`~craft_adapter.vendors.registry.make_vendor` built, judged by what it returns, whether it takes
+    context vectors (``embed_soft``) and whether it returns image embeddings (for a head), as the runtime binds it
+    (:mod:`craft_adapter.serve.vendor_binding`).
     """
+    head = head_problem(vendor, head_dim, source)
+    if head:
+        return head
     if mode != "text" and not callable(getattr(vendor, "embed_soft", None)):
         return (f"{source} was fitted with soft prompts (context vectors), which a string API (a zero-shot or "
                 "embedding HTTP vendor) cannot take; serve the .safetensors file through a protocol whose vendor "
@@ -56,7 +63,7 @@ def servable_problem(mode: str, logit_kind: str, source: str, vendor: Any = None
 
 def check_servable(adapter: ShippedAdapter, vendor: Any = None) -> None:
     """Raise :class:`AdapterError` unless ``adapter`` can sit in front of ``vendor`` (None: a zero-shot vendor)."""
-    problem = servable_problem(adapter.mode, adapter.logit_kind, adapter.source, vendor)
+    problem = servable_problem(adapter.mode, adapter.logit_kind, adapter.source, vendor, adapter.head_dim)
     if problem:
         raise AdapterError(problem)
 
@@ -85,9 +92,10 @@ class ServedAdapter:
         """Refined predictions for checked image bytes by ``deadline``, or a :class:`VendorFailure`."""
         raise NotImplementedError
 
-    def classified(self, scores: np.ndarray) -> Classified:
-        """The refined answer for vendor scores ``[n, c]``, already checked complete and finite."""
-        _, probabilities = self.adapter.refine(scores)
+    def classified(self, scores: np.ndarray, embeddings: np.ndarray | None = None) -> Classified:
+        """The refined answer for vendor scores ``[n, c]``, already checked complete and finite (and the image
+        embeddings ``[n, d]`` an embedding vendor returned with them, which an adapter with a head reads)."""
+        _, probabilities = self.adapter.refine(scores, embeddings)
         return Classified(np.asarray(probabilities), scores)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -214,3 +215,75 @@ def test_runtime_imports_and_predicts_without_torch(tmp_path: Path) -> None:
     want = softmax(adapter.refine(scores))[0]
     assert got["label"] == adapter.class_names[want.argmax()] and abs(got["probability"] - want.max()) <= 1e-5
     assert got["heavy"] == [] and got["providers"][-1] == "CPUExecutionProvider"
+
+
+# -- an adapter with an embedding head ---------------------------------------------------------------------------
+
+HEAD_CLASSES = ["bag", "coat", "sandal"]
+
+
+@pytest.fixture(scope="module")
+def tiny_backend(tiny_model_dir: Path):
+    from craft_adapter.vendors.open_clip_backend import OpenClipBackend
+
+    return OpenClipBackend(f"local-dir:{tiny_model_dir}", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def head_fit(tiny_backend, tmp_path_factory: pytest.TempPathFactory):
+    """A text adapter with an embedding head, fitted through a loopback openai-embeddings server (kept running)."""
+    from craft_adapter.testing.fake_embedding_servers import FakeEmbeddingServer
+    from craft_adapter.training.api import fit_adapter
+    from craft_adapter.training.config import FitConfig
+    from craft_adapter.vendors.registry import make_vendor
+
+    cfg = FitConfig(shots=5, seed=1, budget=30, prompt="text", text_children=2, text_elites=1, hidden=8,
+                    vocab_size=20, holdout_shots=1, eval_every=2, embedding_head=True)
+    images, labels = random_images(15, seed=71), np.arange(15) % 3
+    with FakeEmbeddingServer("openai-embeddings", tiny_backend) as api:
+        adapter = fit_adapter(images, make_vendor("openai-embeddings", api.url), cfg, labels=labels,
+                              class_names=HEAD_CLASSES).adapter
+        path = adapter.save(tmp_path_factory.mktemp("head") / "head.safetensors")
+        yield adapter, path, api
+
+
+@pytest.mark.parametrize("which", ["safetensors", "onnx"])
+def test_a_head_adapter_over_an_embedding_api_predicts_what_evaluate_does(head_fit, which: str) -> None:
+    from craft_adapter.blackbox.box import BlackBox
+    from craft_adapter.blackbox.meter import QueryMeter
+    from craft_adapter.training.evaluate import adapted_scores, evaluate_runtime
+    from craft_adapter.vendors.registry import make_vendor
+
+    adapter, path, api = head_fit
+    shipped = path if which == "safetensors" else export_onnx(path, path.with_suffix(".onnx")).path
+    test, labels = random_images(24, seed=72), np.arange(24) % 3
+    runtime = load_runtime(shipped, make_vendor("openai-embeddings", api.url), device="cpu")
+    got = runtime.predict(test)
+    box = BlackBox(make_vendor("openai-embeddings", api.url), test, HEAD_CLASSES, QueryMeter())
+    box.use_logit_scale(adapter.logit_scale)
+    raw, refined = adapted_scores(box, adapter)  # eval's in-process path: the box's scores and embeddings
+    np.testing.assert_allclose(got.refined_logits, refined, atol=1e-4)
+    assert list(got.indices) == list(refined.argmax(1))
+    ev = evaluate_runtime(runtime, test, labels, batch_size=10)  # batches: embeddings follow their scores
+    np.testing.assert_allclose(ev.probabilities, got.probabilities, atol=1e-6)
+    headless = Adapter.from_bytes(path.read_bytes())
+    headless.head = None
+    assert np.abs(refined - headless.refine(raw)).max() > 1e-3  # the head took part
+
+
+def test_a_head_adapter_is_refused_in_front_of_a_vendor_that_returns_only_scores(head_fit) -> None:
+    _, path, _ = head_fit
+    for vendor in (HttpZeroShotVendor("http://127.0.0.1:9"), CallableVendor(lambda i, p: None, returns="logits"),
+                   lambda images, prompts: None):
+        with pytest.raises(AdapterError, match="has an embedding head.*returns only scores"):
+            load_runtime(path, vendor)
+
+
+def test_a_vendor_of_another_width_is_a_clear_error_at_its_first_answer(tiny_backend, tmp_path: Path) -> None:
+    narrow = dataclasses.replace(synthetic_adapter(3, 8, logit_kind="logits"), class_names=HEAD_CLASSES,
+                                 head=np.zeros((3, 16), np.float32))  # the tiny model's embeddings are 32 wide
+    runtime = load_runtime(narrow.save(tmp_path / "narrow.safetensors"), tiny_backend)
+    with pytest.raises(AdapterError, match="reads 16-dimensional embeddings, but the vendor returns 32"):
+        runtime.predict(random_images(2))
+    with pytest.raises(AdapterError, match="needs the image embeddings"):
+        runtime.predict_scores(np.zeros((2, 3), np.float32))

@@ -203,3 +203,32 @@ def test_many_adapters_behind_an_embedding_protocol(backend, tmp_path):
             assert r.status_code == 404 and "fitted on vendor probabilities" in server.log()
         finally:
             server.stop()
+
+
+def test_a_head_adapter_is_served_with_the_embeddings_its_vendor_returns(backend, tmp_path):
+    images, labels = random_images(12, seed=81), np.arange(12) % 3
+    cfg = FitConfig(shots=4, seed=1, budget=8, prompt="text", text_children=2, text_elites=1, hidden=8,
+                    vocab_size=20, holdout_shots=0, embedding_head=True)
+    with FakeEmbeddingServer("openai-embeddings", backend, key=KEY) as api:
+        path = tmp_path / "head.safetensors"
+        fit_adapter(images, make_vendor("openai-embeddings", api.url, key=KEY), cfg, labels=labels,
+                    class_names=CLASSES).adapter.save(path)
+        test = random_images(3, seed=82)
+        expected = runtime_answer("openai-embeddings", api, path, test)
+        server = ServerProcess([str(path), "--vendor", api.url, "--protocol", "openai-embeddings", "--port", "0"],
+                               tmp_path / "server.log", env=ENV)
+        try:
+            files = [("images", (f"{i}.png", png(im), "image/png")) for i, im in enumerate(test)]
+            r = httpx.post(server.url + "/v1/classify/batch?top_k=3", files=files, timeout=30)
+            assert r.status_code == 200, r.text
+            for a, p in zip(r.json()["results"], expected.probabilities, strict=True):
+                got = {t["label"]: t["probability"] for t in a["top"]}
+                np.testing.assert_allclose([got[c] for c in CLASSES], p, atol=1e-6, rtol=0)
+        finally:
+            server.stop()
+        # behind a zero-shot vendor (scores only) it is refused at start, before any call
+        sent = api.requests
+        done = subprocess.run([sys.executable, "-m", "craft_adapter.cli", "serve", str(path), "--vendor",
+                               "http://127.0.0.1:9", "--port", "0"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "has an embedding head" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and api.requests == sent
