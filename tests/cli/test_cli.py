@@ -167,3 +167,20 @@ def test_an_error_quoting_markup_is_printed_not_parsed(tmp_path) -> None:
     (data / "[bold]cat").mkdir(parents=True)  # a class folder with no images: the error message quotes its name
     result = CliRunner().invoke(app, ["fit", "--data", str(data), "-o", str(tmp_path / "a.safetensors")])
     assert result.exit_code == 2 and "[bold]cat" in result.output and "Traceback" not in result.output
+
+
+def test_fit_with_an_embedding_head_against_a_scoring_only_vendor_stops_before_any_call(tmp_path) -> None:
+    from conftest import random_images
+
+    from craft_adapter.testing.stub_vendor import running_stub
+
+    images = random_images(6, seed=3)
+    data = write_folder(tmp_path / "shots", images, [0, 0, 0, 1, 1, 1], ["cat", "dog"])
+    out = tmp_path / "a.safetensors"
+    with running_stub() as stub:
+        r = invoke("fit", "--data", data, "--shots", 3, "--vendor", stub.url, "--embedding-head", "--no-cache",
+                   "-o", out)
+        assert sum(stub.calls.values()) == 0
+    assert r.exit_code == 2, r.output
+    assert "returns only scores" in r.output and "drop --embedding-head" in r.output and "Traceback" not in r.output
+    assert not out.exists()
