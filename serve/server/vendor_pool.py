@@ -170,8 +170,8 @@ class ZeroShotVendorClient:
     async def _post(self, payload: bytes, budget: float, cap: int) -> CappedReply:
         where = self._url_shown
         budget = max(budget, 0.001)
-        # aiohttp's timeouts end a silent connect or read (not rounded up to whole seconds); the outer one bounds a
-        # reply that trickles in byte by byte
+        # aiohttp's timeouts end a silent connect or read, the connect one not rounded up to a whole second so that
+        # it comes before the outer one; the outer one bounds a reply that trickles in byte by byte
         timeout = aiohttp.ClientTimeout(sock_connect=budget, sock_read=budget, ceil_threshold=budget)
         try:
             async with asyncio.timeout(budget + TRICKLE_GRACE_S):
@@ -205,7 +205,6 @@ class ZeroShotVendorClient:
         hint = " (check the vendor API key)" if code in (401, 403) else ""
         raise VendorFailure("vendor_rejected", f"the vendor at {where} refused the request (HTTP {code}: "
                             f"{detail}){hint}")
-
 
 
 def env_proxy(url: str) -> str | None:
