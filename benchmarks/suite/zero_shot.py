@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(t.name for t in SUITE))
     ap.add_argument("--sans-check", action="store_true")
     args = ap.parse_args()
-    print(f"{'task':<20} {'vendor':<8} {'a photo of a {}.':>16} {'best template':>14}  best")
+    print(f"{'task':<20} {'vendor':<13} {'a photo of a {}.':>16} {'best template':>14}  best")
     for name in args.tasks.split(","):
         t = task(name)
         box = backend(t.vendor_dir)
@@ -56,14 +56,14 @@ def main() -> None:
         acc = template_accuracies(box, box.embed_images(test.images), test.labels, t.class_names, t.templates())
         best = max(acc, key=acc.__getitem__)
         tag = " (held out)" if t.held_out else ""
-        print(f"{t.name:<20} {t.vendor_dir.name:<8} {100 * acc['a photo of a {}.']:>15.1f}% {100 * acc[best]:>13.1f}%"
+        print(f"{t.name:<20} {t.vendor_dir.name:<13} {100 * acc['a photo of a {}.']:>15.1f}% {100 * acc[best]:>13.1f}%"
               f"  {best!r}{tag}", flush=True)
     if args.sans_check:
         x, y = glyphs.glyph_bank(77, glyphs.SANS_FONTS, seed=424242)  # not a seed the vendor trained on
         box = backend(GLYPH_VENDOR_DIR)
         acc = template_accuracies(box, box.embed_images(arrays_to_images(x)), y, glyphs.LETTER_CLASSES,
                                   ("a photo of a {}.",))
-        print(f"{'(sans letters)':<20} {GLYPH_VENDOR_DIR.name:<8} {100 * acc['a photo of a {}.']:>15.1f}%")
+        print(f"{'(sans letters)':<20} {GLYPH_VENDOR_DIR.name:<13} {100 * acc['a photo of a {}.']:>15.1f}%")
 
 
 if __name__ == "__main__":
