@@ -79,19 +79,29 @@ def _guarded(handler: Handler, metrics: ServerMetrics) -> Handler:
     async def guarded(request: Request) -> Response:
         try:
             return await handler(request)
-        except ApiError as e:
-            request.state.error_type = e.type
-            return error_response(e.status, e.type, e.message, e.headers)
-        except VendorFailure as e:
-            request.state.error_type = e.type
-            metrics.vendor_errors.inc(e.type)
-            headers = {"Retry-After": str(max(1, round(e.retry_after)))} if e.retry_after is not None else None
-            return error_response(e.status, e.type, e.message, headers)
-        except Exception:  # a bug, not the client's fault: log it (scrubbed) and say nothing internal
-            request.state.error_type = "internal"
-            logging.getLogger(SERVER_LOGGER).exception("unhandled error")
-            return error_response(500, "internal", "internal server error; see the server log")
+        except Exception as e:  # noqa: BLE001 (every failure gets the JSON error; a bug is also logged)
+            try:
+                return _failure_response(request, e, metrics)
+            finally:
+                # a failure can close a reference cycle with the frames it came through, which hold the request's
+                # body: through a future or task that keeps it (anyio's worker threads, asyncio's task groups), or
+                # through the failure it replaced; cut here, the body is freed now, not at a later collection
+                e.__traceback__ = e.__context__ = e.__cause__ = None
     return guarded
+
+
+def _failure_response(request: Request, e: Exception, metrics: ServerMetrics) -> Response:
+    if isinstance(e, ApiError):
+        request.state.error_type = e.type
+        return error_response(e.status, e.type, e.message, e.headers)
+    if isinstance(e, VendorFailure):
+        request.state.error_type = e.type
+        metrics.vendor_errors.inc(e.type)
+        headers = {"Retry-After": str(max(1, round(e.retry_after)))} if e.retry_after is not None else None
+        return error_response(e.status, e.type, e.message, headers)
+    request.state.error_type = "internal"  # a bug, not the client's fault: log it (scrubbed), say nothing internal
+    logging.getLogger(SERVER_LOGGER).error("unhandled error", exc_info=e)
+    return error_response(500, "internal", "internal server error; see the server log")
 
 
 class _Endpoints:
