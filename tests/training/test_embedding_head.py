@@ -4,6 +4,8 @@ scoring-only vendor before anything is paid."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import random_images
@@ -13,7 +15,14 @@ from craft_adapter.testing.fake_embedding_servers import FakeEmbeddingServer
 from craft_adapter.testing.stub_vendor import running_stub
 from craft_adapter.training.api import SettingsError, fit_adapter
 from craft_adapter.training.config import FitConfig
-from craft_adapter.training.embedding_head import HeadData, TappedBox, head_data, head_loss, train_head
+from craft_adapter.training.embedding_head import (
+    HeadData,
+    TappedBox,
+    add_embedding_head,
+    head_data,
+    head_loss,
+    train_head,
+)
 from craft_adapter.training.refiner import Refiner
 from craft_adapter.vendors.registry import make_vendor
 from craft_adapter.vendors.replies import unit_rows
@@ -48,8 +57,10 @@ def problem(seed: int = 0, n: int = 60, c: int = 4, d: int = 16, scale: float = 
     return refiner, HeadData((scale * e @ w.T).astype(np.float32), e, y.astype(np.int64))
 
 
-def test_head_training_lowers_the_loss_and_is_deterministic() -> None:
+@pytest.mark.parametrize("with_refiner", [False, True])
+def test_head_training_lowers_the_loss_and_is_deterministic(with_refiner: bool) -> None:
     refiner, d = problem()
+    refiner = refiner if with_refiner else None
     zero = np.zeros((4, 16), np.float32)
     delta = train_head(refiner, d, 20.0)
     assert delta.dtype == np.float32 and delta.shape == (4, 16)
@@ -59,8 +70,9 @@ def test_head_training_lowers_the_loss_and_is_deterministic() -> None:
 
 def test_a_huge_l2_weight_keeps_the_head_at_the_zero_shot_init() -> None:
     refiner, d = problem(seed=1)
+    assert np.abs(train_head(None, d, 20.0, lam=1e6)).max() < 1e-6
+    assert np.abs(train_head(None, d, 20.0, lam=0.0)).max() > 1e-2  # the limit is the penalty's doing
     assert np.abs(train_head(refiner, d, 20.0, lam=1e6)).max() < 1e-6
-    assert np.abs(train_head(refiner, d, 20.0, lam=0.0)).max() > 1e-2  # the limit is the penalty's doing
 
 
 def test_a_soft_fit_gains_a_head_without_changing_the_loop_or_paying_more(backend, data) -> None:
@@ -70,12 +82,26 @@ def test_a_soft_fit_gains_a_head_without_changing_the_loop_or_paying_more(backen
     a, b = plain.adapter, head.adapter
     assert a.head is None and "embedding_head" not in a.fit["config"]
     assert b.head is not None and b.head.shape == (3, 32) and b.fit["config"]["embedding_head"] is True
-    np.testing.assert_array_equal(a.ctx, b.ctx)
-    for k in a.refiner:
-        np.testing.assert_array_equal(a.refiner[k], b.refiner[k])
+    np.testing.assert_array_equal(a.ctx, b.ctx)  # the loop chose the same prompt
+    assert a.fit["holdout_acc"] == b.fit["holdout_acc"] and a.fit["generations"] == b.fit["generations"]
     assert plain.record.meter == head.record.meter  # no query, no vendor call more
+    assert all(not v.any() for v in b.refiner.values()) and any(v.any() for v in a.refiner.values())
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    np.testing.assert_array_equal(dataclasses.replace(b, head=None).refine(x), x)  # the identity, exactly
     info = b.fit["embedding_head"]
-    assert info["images"] == 15 and info["train_ce_after"] < info["train_ce_before"]
+    assert info["images"] == 15 and info["train_ce_after"] < info["train_ce_before"] and info["base"].startswith("x")
+
+
+def test_the_head_can_keep_the_loops_refiner(backend, data) -> None:
+    images, labels = data
+    cfg = FitConfig(**SOFT, embedding_head=True)
+    fit = fit_adapter(images, backend, FitConfig(**SOFT), labels=labels, class_names=CLASSES)
+    kept = dataclasses.replace(fit.adapter, fit=dict(fit.adapter.fit), refiner=dict(fit.adapter.refiner))
+    box = TappedBox(backend, images, CLASSES, QueryMeter(), text_answers={})
+    add_embedding_head(kept, [(box, labels)], cfg.seed, keep_refiner=True)
+    for k, v in fit.adapter.refiner.items():
+        np.testing.assert_array_equal(kept.refiner[k], v)
+    assert kept.head is not None and kept.fit["embedding_head"]["base"] == "refiner(x)"
 
 
 def test_a_text_fit_through_an_embedding_api_trains_the_head_on_answers_already_paid(backend, data) -> None:
