@@ -7,6 +7,7 @@ means the same predictions and probabilities within 1e-6; the CLI's confusion ma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -20,6 +21,7 @@ from craft_adapter.cli import app
 from craft_adapter.reference.local_vendor import make_vendor_server, serve_in_thread
 from craft_adapter.serve import AdapterRuntime, ShippedAdapter, load_runtime
 from craft_adapter.testing.fake_embedding_servers import FakeEmbeddingServer
+from craft_adapter.training import api
 from craft_adapter.training.config import FitConfig
 from craft_adapter.training.evaluate import adapted_scores, evaluate_adapter, evaluate_runtime, stand_in_vendor
 from craft_adapter.training.loop import fit
@@ -176,3 +178,23 @@ def test_plot_and_missing_matplotlib(backend, tiny_model_dir, task, tmp_path, mo
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     r = run_eval(*args, "--plot", tmp_path / "cm2.png")
     assert r.exit_code == 2 and "needs matplotlib" in r.output
+
+
+def test_an_adapter_with_an_embedding_head_agrees_and_eval_applies_the_head(backend, tiny_model_dir, task, hf_vendor,
+                                                                           tmp_path):
+    train, y_train, test, y_test, root = task
+    cfg = FitConfig(shots=4, seed=1, budget=30, prompt="text", text_children=3, text_elites=2, hidden=16,
+                    holdout_shots=1, embedding_head=True)
+    adapter = api.fit_adapter(train, backend, cfg, labels=y_train, class_names=CLASSES).adapter
+    path = adapter.save(tmp_path / "head.safetensors")
+    assert adapter.head is not None
+    with FakeEmbeddingServer("openai-embeddings", backend) as server:
+        a, _ = check_all_agree(adapter, path, backend, tiny_model_dir, make_vendor("openai-embeddings", server.url),
+                               task, tmp_path, ["--vendor", server.url, "--protocol", "openai-embeddings"])
+    box = BlackBox(backend, test, CLASSES, QueryMeter())
+    raw, with_head = adapted_scores(box, adapter)
+    without = dataclasses.replace(adapter, head=None).refine(raw)
+    assert np.abs(with_head - without).max() > 1e-3  # what eval printed is the head's
+    assert a["adapted_accuracy"] == float((with_head.argmax(1) == y_test).mean())
+    r = run_eval(path, "--data", root, "--vendor", hf_vendor, "--protocol", "hf-zero-shot")
+    assert r.exit_code == 2 and "embedding head" in r.output and "Traceback" not in r.output
