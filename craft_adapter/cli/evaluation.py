@@ -248,7 +248,12 @@ def inspect_cmd(
         t.add_row("learned context", f"{a.ctx.shape[0]} vectors x {a.ctx.shape[1]}, reads as {reading}")
     t.add_row("logits", shown(f"{a.logit_kind} (scale {a.logit_scale:.4g}); refiner input: "
                               f"{meta['logits']['refiner_input']}"))
-    t.add_row("refiner", f"residual MLP {a.n_classes} -> {a.hidden} -> {a.n_classes}")
+    identity = not any(v.any() for v in a.refiner.values())
+    t.add_row("refiner", f"residual MLP {a.n_classes} -> {a.hidden} -> {a.n_classes}" + (" (the identity)" if
+                                                                                      identity else ""))
+    if a.head is not None:
+        t.add_row("embedding head", f"{a.n_classes} x {a.head_dim} on the image embedding: refined = refiner(x) + "
+                  "scale * e @ head.delta^T; served only through an embedding vendor")
     t.add_row("backend", shown(json.dumps(a.backend)))
     fit = {k: v for k, v in a.fit.items() if k != "config"}
     t.add_row("fit", shown(json.dumps(fit)))

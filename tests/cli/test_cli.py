@@ -184,3 +184,17 @@ def test_fit_with_an_embedding_head_against_a_scoring_only_vendor_stops_before_a
     assert r.exit_code == 2, r.output
     assert "returns only scores" in r.output and "drop --embedding-head" in r.output and "Traceback" not in r.output
     assert not out.exists()
+
+
+def test_inspect_shows_an_embedding_head(tmp_path) -> None:
+    import dataclasses
+
+    from craft_adapter.artifact.synthetic import synthetic_adapter
+
+    plain = synthetic_adapter(3, 8, logit_kind="logits")
+    head = dataclasses.replace(plain, head=np.zeros((3, 16), np.float32),
+                               refiner={k: np.zeros_like(v) for k, v in plain.refiner.items()})
+    r = CliRunner().invoke(app, ["inspect", str(head.save(tmp_path / "h.safetensors"))], terminal_width=300)
+    assert r.exit_code == 0 and "3 x 16 on the image embedding" in r.output and "(the identity)" in r.output
+    r = CliRunner().invoke(app, ["inspect", str(plain.save(tmp_path / "p.safetensors"))], terminal_width=300)
+    assert r.exit_code == 0 and "embedding head" not in r.output and "identity" not in r.output
