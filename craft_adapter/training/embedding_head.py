@@ -117,7 +117,13 @@ def head_data(adapter: Adapter, boxes: Sequence[tuple[TappedBox, np.ndarray]]) -
         raise HeadUnavailable("a soft-mode adapter without its context vectors")
     w = next((b.class_embeddings(prompt) for b, _ in boxes if b.class_embeddings(prompt) is not None), None)
     if w is None:  # not seen in this process (a resumed fit checked it before the restart): paid, as a check is
-        w = boxes[0][0].fetch_class_embeddings(prompt)
+        box, left = boxes[0][0], boxes[0][0].meter.remaining
+        if left is not None and (1 if isinstance(prompt, np.ndarray) else box.text_cost([prompt])) > left:
+            raise HeadUnavailable("the embedding head needs the final prompt's class-text embeddings, which this "
+                                  "resumed fit saw only before its restart, and no query of the budget is left to "
+                                  "ask again; fit again with a budget one higher (the query cache replays every "
+                                  "answer already paid for)")
+        w = box.fetch_class_embeddings(prompt)
     xs, es, ys = [], [], []
     for box, labels in boxes:
         xs.append(refiner_input(box.cosine_logits(w[None])[0], adapter.logit_kind))  # [n, c], no vendor call

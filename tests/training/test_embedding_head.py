@@ -17,6 +17,7 @@ from craft_adapter.training.api import SettingsError, fit_adapter
 from craft_adapter.training.config import FitConfig
 from craft_adapter.training.embedding_head import (
     HeadData,
+    HeadUnavailable,
     TappedBox,
     add_embedding_head,
     head_data,
@@ -137,3 +138,13 @@ def test_a_scoring_only_vendor_is_refused_before_any_call(data) -> None:
         with pytest.raises(SettingsError, match="returns only scores"):
             fit_adapter(images, stub.url, FitConfig(**TEXT, embedding_head=True), labels=labels, class_names=CLASSES)
         assert sum(stub.calls.values()) == 0
+
+
+def test_a_prompt_it_cannot_afford_to_ask_again_is_a_clear_error(backend, data) -> None:
+    images, labels = data
+    fit = fit_adapter(images, backend, FitConfig(**SOFT, embedding_head=True), labels=labels, class_names=CLASSES)
+    box = TappedBox(backend, images, CLASSES, QueryMeter(1))
+    box.prepare_images()
+    box.soft_embeddings(fit.adapter.ctx[None] + 1)  # the one query of its budget, spent on another prompt
+    with pytest.raises(HeadUnavailable, match="budget one higher"):
+        head_data(fit.adapter, [(box, labels)])
