@@ -48,7 +48,7 @@ HEAD_KEEPS_REFINER = False  # head on refiner(x) (True) or on the zero-shot logi
 
 
 class HeadUnavailable(ValueError):
-    """The embedding head cannot be trained for this fit (a soft adapter without its context vectors)."""
+    """The embedding head cannot be trained for this fit (its final prompt's embeddings unknown and unaffordable)."""
 
 
 def prompt_key(prompt: np.ndarray | str) -> str:
