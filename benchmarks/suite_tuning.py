@@ -27,6 +27,7 @@ VARIANTS: dict[str, dict] = {
     "sep_s05": {"cma_diagonal": True, "sigma": 0.5},
     "sep_kl_s05": {"cma_diagonal": True, "kl_decay_n": 1, "sigma": 0.5},
     "sep_kl_s025": {"cma_diagonal": True, "kl_decay_n": 1, "sigma": 0.25},
+    "sep_kl_lr1e-4": {"cma_diagonal": True, "kl_decay_n": 1, "lr": 1e-4},
 }  # weight averaging and the hold-out metric change no search: SelectionProbe replays them on each fit
 
 
@@ -56,8 +57,6 @@ class SelectionProbe:
         import copy
 
         import torch
-
-        from craft_adapter.training.refiner import average_into
 
         for d, avg in self.avgs.items():
             if avg is None:
@@ -118,6 +117,15 @@ class Shadow:
         train_epoch(self.net, self.opt, x, y, w, self.batch, self.gen)
 
 
+def average_into(avg, live, decay: float) -> None:
+    """``avg <- decay * avg + (1 - decay) * live``, parameter by parameter (an exponential moving average)."""
+    import torch
+
+    with torch.no_grad():
+        for a, p in zip(avg.parameters(), live.parameters(), strict=True):
+            a.mul_(decay).add_(p, alpha=1.0 - decay)
+
+
 def selection_rules(checks: list[dict]) -> dict[str, float]:
     """Test accuracy each selection rule would ship: best hold-out accuracy or loss (ties: the later check, as
     the fit does), or the last generation; for the live refiner and each average."""
@@ -131,9 +139,9 @@ def selection_rules(checks: list[dict]) -> dict[str, float]:
     return out
 
 
-def load() -> list[dict]:
+def load(path: Path = RESULTS) -> list[dict]:
     """Every run recorded so far."""
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def summary(runs: list[dict]) -> dict[str, dict]:
@@ -157,6 +165,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--tasks", nargs="*", default=None, help="default: every tuning task")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     use_passive_omp_wait()
     from benchmarks.suite import SUITE, task
@@ -165,7 +174,7 @@ def main() -> None:
     tasks = [task(n) for n in args.tasks] if args.tasks else [t for t in SUITE if not t.held_out]
     if any(t.held_out for t in tasks):
         raise SystemExit("the held-out task is never tuned on")
-    runs = load()
+    runs = load(args.out)
     for v in args.variants:
         for t in tasks:
             for seed in args.seeds:
@@ -175,8 +184,8 @@ def main() -> None:
                        "rules": selection_rules(probe.checks), "checks": probe.checks,
                        **{k: r[k] for k in ("acc", "prompt_acc", "queries", "wall_s", "vendor_s", "holdout_acc",
                                             )}}
-                runs.append(rec)
-                RESULTS.write_text(json.dumps(runs, indent=0) + "\n")
+                runs = [*load(args.out), rec]  # read again: another process may append to the same file
+                args.out.write_text(json.dumps(runs, indent=0) + "\n")
                 print(f"{v:16s} {t.name:18s} seed {seed}: {100 * r['acc']:.2f}% (prompt {100 * r['prompt_acc']:.2f}%)"
                       f" {r['wall_s']:.0f}s", flush=True)
     for v, s in summary(runs).items():

@@ -25,7 +25,8 @@ from craft_adapter.blackbox.box import BlackBox
 from craft_adapter.training.checkpoint import Checkpoints, restore
 from craft_adapter.training.config import FitConfig
 from craft_adapter.training.prompt_modules import SoftModule, make_prompt_module
-from craft_adapter.training.refiner import Refiner, average_into, population_fitness, train_epoch
+from craft_adapter.training.refiner import Refiner, population_fitness, train_epoch
+from craft_adapter.training.threads import one_thread
 
 
 @dataclass
@@ -74,8 +75,6 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
         raise ValueError(f"the black box's meter must carry the fit budget ({budget} {cfg.budget_unit})")
     refiner = Refiner(len(train.class_names), cfg.hidden)
     opt = torch.optim.Adam(refiner.parameters(), lr=cfg.lr)
-    # what is checked and shipped: the live refiner, or an average of its weights over generations
-    shipped = copy.deepcopy(refiner) if cfg.refiner_ema > 0 else refiner
     module = make_prompt_module(train, cfg, y_train)
     use_holdout = holdout is not None and holdout.n_images > 0
     y_hold = torch.from_numpy(y_holdout) if use_holdout else None
@@ -102,34 +101,34 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
             gen, cur, best, history, checked = restored
     try:
         while module.max_generations is None or gen < module.max_generations:
-            cands = module.propose()
+            with one_thread():
+                cands = module.propose()
             rows = module.rows(meter.used, budget)  # None: every image
             due = use_holdout and (gen + 1) % cfg.eval_every == 0
             if module.cost(train, cands, rows) + reserve * (1 + due) > meter.remaining:
                 break
             scores = module.score(train, cands, rows)  # [p, m, c], made a chunk at a time within the memory budget
-            with torch.no_grad():
-                w = cfg.kl_weight if cfg.train_refiner else 0.0
-                fitness, first, best_raw = population_fitness(
-                    scores.take, scores.shape, as_input, refiner if cfg.train_refiner else (lambda t: t), labels(rows),
-                    w, cfg.hidden, cfg.memory_budget_mb)  # [p]
-            b = module.tell(cands, fitness.numpy())
-            cur = cands[b]
-            raw_b = best_raw if b == first else scores.take(b, b + 1)[0]
-            del scores, best_raw
-            ref_rows, ref_raw = module.refiner_data(train, cur, rows, raw_b)
-            cur_x, cur_y = as_input(ref_raw), labels(ref_rows)
-            if cfg.train_refiner:
-                w = cfg.kl_weight if meter.used < budget // cfg.kl_decay_n else 0.0
-                train_epoch(refiner, opt, cur_x, cur_y, w, cfg.refiner_batch, shuffle)
-                if shipped is not refiner:
-                    average_into(shipped, refiner, cfg.refiner_ema)
-            gen += 1
-            with torch.no_grad():
-                train_acc = _acc(refiner(cur_x), cur_y)
+            with one_thread():  # everything from here to the hold-out check is the fit's own arithmetic
+                with torch.no_grad():
+                    w = cfg.kl_weight if cfg.train_refiner else 0.0
+                    fitness, first, best_raw = population_fitness(
+                        scores.take, scores.shape, as_input, refiner if cfg.train_refiner else (lambda t: t),
+                        labels(rows), w, cfg.hidden, cfg.memory_budget_mb)  # [p]
+                b = module.tell(cands, fitness.numpy())
+                cur = cands[b]
+                raw_b = best_raw if b == first else scores.take(b, b + 1)[0]
+                del scores, best_raw
+                ref_rows, ref_raw = module.refiner_data(train, cur, rows, raw_b)
+                cur_x, cur_y = as_input(ref_raw), labels(ref_rows)
+                if cfg.train_refiner:
+                    w = cfg.kl_weight if meter.used < budget // cfg.kl_decay_n else 0.0
+                    train_epoch(refiner, opt, cur_x, cur_y, w, cfg.refiner_batch, shuffle)
+                gen += 1
+                with torch.no_grad():
+                    train_acc = _acc(refiner(cur_x), cur_y)
             h_acc, checked = None, due
             if due:
-                h_acc, best = _check(holdout, module, cur, shipped, as_input, y_hold, best, cfg.holdout_metric)
+                h_acc, best = _check(holdout, module, cur, refiner, as_input, y_hold, best)
             history.append({"generation": gen, "queries": meter.queries, "vendor_calls": meter.vendor_calls,
                             "best_fitness": float(fitness[b]), "train_acc": train_acc, "holdout_acc": h_acc})
             if on_generation is not None:
@@ -147,15 +146,15 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
         raise ValueError(f"budget {budget} {cfg.budget_unit} is too small for one generation"
                          + (" and a hold-out check" if use_holdout else ""))
     if use_holdout and not checked and check_cost(cur) <= meter.remaining:
-        _, best = _check(holdout, module, cur, shipped, as_input, y_hold, best, cfg.holdout_metric)
+        _, best = _check(holdout, module, cur, refiner, as_input, y_hold, best)
     final = cur
     if best is not None:
         _, final, state = best
-        shipped.load_state_dict(state)
+        refiner.load_state_dict(state)
     ctx = final if isinstance(final, np.ndarray) else None
     adapter = Adapter(
         class_names=list(train.class_names), template=cfg.template if ctx is not None else final,
-        mode=cfg.prompt, logit_kind=kind, logit_scale=train.logit_scale, refiner=shipped.to_arrays(),
+        mode=cfg.prompt, logit_kind=kind, logit_scale=train.logit_scale, refiner=refiner.to_arrays(),
         backend=train.identity, ctx=None if ctx is None else np.ascontiguousarray(ctx, dtype=np.float32),
         prompt_reading=train.describe_soft(ctx) if ctx is not None else final,
         fit={"shots": cfg.shots, "seed": cfg.seed, "budget": budget, "budget_unit": meter.unit,
@@ -166,15 +165,11 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
     return FitResult(adapter, history, time.perf_counter() - t0, meter.vendor_seconds, meter.summary())
 
 
-def _check(holdout: BlackBox, module, cand, refiner: Refiner, as_input, y: torch.Tensor, best,
-           metric: str = "accuracy"):
-    """Hold-out accuracy of ``cand`` with the refiner; keep the pair if it is the best so far by ``metric``
-    (accuracy, or minus the cross-entropy)."""
+def _check(holdout: BlackBox, module, cand, refiner: Refiner, as_input, y: torch.Tensor, best):
+    """Hold-out accuracy of ``cand`` with the current refiner; keep the pair if it is the best so far."""
     x = as_input(module.score(holdout, [cand], None).take(0, 1))[0]
     with torch.no_grad():
-        out = refiner(x)
-        acc = _acc(out, y)
-        score = acc if metric == "accuracy" else -float(torch.nn.functional.cross_entropy(out, y))
-    if best is None or score >= best[0]:
-        best = (score, cand.copy() if isinstance(cand, np.ndarray) else cand, copy.deepcopy(refiner.state_dict()))
+        acc = _acc(refiner(x), y)
+    if best is None or acc >= best[0]:
+        best = (acc, cand.copy() if isinstance(cand, np.ndarray) else cand, copy.deepcopy(refiner.state_dict()))
     return acc, best

@@ -127,9 +127,3 @@ def train_epoch(refiner: Refiner, opt: torch.optim.Optimizer, x: torch.Tensor, y
     refiner.eval()
     return total / len(x)
 
-
-def average_into(avg: nn.Module, live: nn.Module, decay: float) -> None:
-    """``avg <- decay * avg + (1 - decay) * live``, parameter by parameter (an exponential moving average)."""
-    with torch.no_grad():
-        for a, p in zip(avg.parameters(), live.parameters(), strict=True):
-            a.mul_(decay).add_(p, alpha=1.0 - decay)

@@ -124,3 +124,14 @@ def test_config_validation_and_file(tmp_path):
     j.write_text('{"popsiz": 3}')
     with pytest.raises(ValueError, match="unknown fit settings"):
         FitConfig.from_file(j)
+
+
+def test_separable_search_is_the_default_and_recorded_while_full_keeps_old_records() -> None:
+    from craft_adapter.training.soft_prompt import SoftPromptSearch
+
+    p0 = np.zeros((2, 8), np.float32) + np.arange(8, dtype=np.float32)
+    assert SoftPromptSearch(p0, FitConfig(intrinsic_dim=16)).es.opts["CMA_diagonal"] is True
+    assert not SoftPromptSearch(p0, FitConfig(intrinsic_dim=16, cma_diagonal=False)).es.opts["CMA_diagonal"]
+    assert FitConfig().to_dict()["cma_diagonal"] is True
+    assert "cma_diagonal" not in FitConfig(cma_diagonal=False).to_dict()  # as adapters fitted before it record
+    assert FitConfig().kl_decay_n == 1  # the refiner's KL term stays on to the end (issue 15: late drift)

@@ -1,0 +1,67 @@
+"""The fit's wall-time split with its own arithmetic on one thread (training/threads.py) and without, side by side.
+
+Reference soft fits at the default settings, alternating the two arms round by round so that the machine's load
+hits both alike; the "without" arm swaps ``one_thread`` for a no-op. Prints and writes medians of the seconds spent
+outside backend calls and their share of the wall time: benchmarks/results/fit_threads.json.
+
+    .venv/bin/python -m benchmarks.fit_threads --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+from pathlib import Path
+
+from craft_adapter.training.api import use_passive_omp_wait
+
+RESULTS = Path(__file__).resolve().parent / "results" / "fit_threads.json"
+
+
+def one_fit(backend, data, cfg, single: bool) -> dict:
+    """One fit; its wall time, backend time, and the rest."""
+    from craft_adapter.training import loop
+    from craft_adapter.training.api import fit_adapter
+    from craft_adapter.training.threads import one_thread
+
+    loop.one_thread = one_thread if single else contextlib.nullcontext
+    try:
+        rec = fit_adapter(data, backend, cfg).record
+    finally:
+        loop.one_thread = one_thread
+    return {"wall_s": rec.wall_time_s, "vendor_s": rec.vendor_time_s, "other_s": rec.wall_time_s - rec.vendor_time_s,
+            "other_share": 1 - rec.vendor_time_s / rec.wall_time_s}
+
+
+def main() -> None:
+    """Alternate the arms; print and write the medians."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    use_passive_omp_wait()
+    from craft_adapter.reference.task import REFERENCE_VENDOR_DIR, reference_train
+    from craft_adapter.training.config import FitConfig
+    from craft_adapter.vendors.open_clip_backend import OpenClipBackend
+
+    backend = OpenClipBackend(f"local-dir:{REFERENCE_VENDOR_DIR}", device="cpu")
+    data, cfg = reference_train(16, 1), FitConfig(seed=1)
+    runs: dict[str, list[dict]] = {"one thread": [], "default threads": []}
+    for r in range(args.rounds):
+        for arm in (("one thread", "default threads") if r % 2 == 0 else ("default threads", "one thread")):
+            runs[arm].append(one_fit(backend, data, cfg, arm == "one thread"))
+            print(f"round {r + 1} {arm}: {runs[arm][-1]}", flush=True)
+    med = {arm: {k: statistics.median(x[k] for x in rs) for k in ("wall_s", "vendor_s", "other_s", "other_share")}
+           for arm, rs in runs.items()}
+    out = {"median": med, "runs": runs, "load_average": os.getloadavg(), "config": cfg.to_dict(),
+           "command": f"python -m benchmarks.fit_threads --rounds {args.rounds}"}
+    RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+    for arm, m in med.items():
+        print(f"{arm:16s} wall {m['wall_s']:.1f}s, outside backend calls {m['other_s']:.1f}s "
+              f"({100 * m['other_share']:.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
