@@ -250,7 +250,7 @@ def fit_adapter(data: str | Path | LabeledImages | Sequence[Image.Image],
         scale = choose_temperature(box, hold, y_train, cfg.template)
         result = fit(box, hold, y_train, y_hold if hold else None, cfg, on_generation=on_progress,
                      checkpoints=checkpoints)
-        if cfg.embedding_head:  # after the loop, on what it paid for: the loop and its adapter are as without it
+        if cfg.embedding_head:  # after the loop, on what it paid for: the loop runs exactly as without it
             from craft_adapter.training.embedding_head import add_embedding_head
 
             add_embedding_head(result.adapter, [(box, y_train)] + ([(hold, y_hold)] if hold else []), cfg.seed)
