@@ -74,7 +74,7 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
     if meter.budget != budget or meter.unit != cfg.budget_unit:
         raise ValueError(f"the black box's meter must carry the fit budget ({budget} {cfg.budget_unit})")
     refiner = Refiner(len(train.class_names), cfg.hidden)
-    opt = torch.optim.Adam(refiner.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(refiner.parameters(), lr=cfg.resolved_lr)
     module = make_prompt_module(train, cfg, y_train)
     use_holdout = holdout is not None and holdout.n_images > 0
     y_hold = torch.from_numpy(y_holdout) if use_holdout else None

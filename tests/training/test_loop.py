@@ -135,3 +135,7 @@ def test_separable_search_is_the_default_and_recorded_while_full_keeps_old_recor
     assert FitConfig().to_dict()["cma_diagonal"] is True
     assert "cma_diagonal" not in FitConfig(cma_diagonal=False).to_dict()  # as adapters fitted before it record
     assert FitConfig().kl_decay_n == 1  # the refiner's KL term stays on to the end (issue 15: late drift)
+    assert FitConfig().resolved_lr == 1e-4 and FitConfig(prompt="text").resolved_lr == 1e-3
+    assert FitConfig(lr=5e-3).resolved_lr == 5e-3 and FitConfig().to_dict()["lr"] is None
+    with pytest.raises(ValueError, match="lr"):
+        FitConfig(lr=0.0)
