@@ -1,5 +1,5 @@
 # craft-adapter: `make demo` runs the reference job end to end, `make test` runs the tests.
-# Both work from nothing on a Debian machine where you are root (apt installs Fashion-MNIST).
+# Both work from nothing on a Debian machine where you are root (apt installs Fashion-MNIST and the DejaVu fonts).
 # `make install-check` (CI) builds the wheel and installs it, from the registry, into one fresh venv per install
 # kind (runtime, server, fit), then runs each kind's smoke path.
 PYTHON ?= python3
@@ -36,8 +36,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[all,dev]'
 	touch $(STAMP)
 
+# Fashion-MNIST (the reference task) and the DejaVu fonts (the letter tasks of the benchmark suite, benchmarks/suite)
+APT_DATA := dataset-fashion-mnist fonts-dejavu-core fonts-dejavu-extra
 data:
-	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }
+	@dpkg -s $(APT_DATA) >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_DATA); }
 
 # The reference vendor is committed; this rebuilds it only when it is missing (about 7 minutes on 2 cores).
 vendor: $(VENDOR)
