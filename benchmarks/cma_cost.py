@@ -1,8 +1,8 @@
 """What one CMA-ES generation costs the fit: full covariance against separable (diagonal) CMA-ES, side by side.
 
-Both run the fit's own search (SoftPromptSearch: 512 dimensions, population 40, box bounds) on the same synthetic
-fitness, in alternating rounds so that machine noise hits both alike; medians of the per-round ms/generation.
-Writes benchmarks/results/cma_cost.json.
+Both run the fit's own search (SoftPromptSearch: 512 dimensions, population 40, box bounds), on one thread as in
+the fit, on the same synthetic fitness, in alternating rounds so that machine noise hits both alike; medians of the
+per-round ms/generation. Writes benchmarks/results/cma_cost.json.
 
     .venv/bin/python -m benchmarks.cma_cost
 """
@@ -19,6 +19,7 @@ import numpy as np
 
 from craft_adapter.training.config import FitConfig
 from craft_adapter.training.soft_prompt import SoftPromptSearch
+from craft_adapter.training.threads import one_thread
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cma_cost.json"
 
@@ -29,10 +30,11 @@ def ms_per_generation(diagonal: bool, generations: int, seed: int) -> float:
                               FitConfig(seed=seed, cma_diagonal=diagonal))
     target = np.random.default_rng(1).normal(size=search.A.shape[0])
     t0 = time.perf_counter()
-    for _ in range(generations):
-        z = search.ask()
-        search.context(z)
-        search.tell(z, ((z - target) ** 2).sum(1))
+    with one_thread():  # as in the fit (training/threads.py)
+        for _ in range(generations):
+            z = search.ask()
+            search.context(z)
+            search.tell(z, ((z - target) ** 2).sum(1))
     return 1000 * (time.perf_counter() - t0) / generations
 
 

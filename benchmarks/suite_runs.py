@@ -6,7 +6,6 @@ test set is scored through its own black box, on a meter apart from the fit's, s
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -114,6 +113,4 @@ def run_fit(task: Any, shots: int, seed: int, every: int = 10, vendor: Any = Non
            "wall_s": rec.wall_time_s - spent[0], "vendor_s": rec.vendor_time_s, "bench_s": time.perf_counter() - t0,
            "holdout_acc": a.fit.get("holdout_acc"), "curve": curve, "prompt_curve": prompt_curve,
            "adapter": a}
-    if head is not None:  # the same fit without its head: CraFT as the loop left it (the head trains after it)
-        out["acc_without_head"] = accuracy(dataclasses.replace(a, head=None).refine(raw), scorer.y)
     return out
