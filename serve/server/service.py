@@ -114,12 +114,24 @@ class AdapterService(ServedAdapter):
         if len(encoded) == 1:
             rows = [await self.client.scores(encoded[0], deadline, labels, template, kind)]
         else:
+            failure: VendorFailure | None = None
             try:
                 async with asyncio.TaskGroup() as group:  # one failure cancels the rest of the batch
                     tasks = [group.create_task(self.client.scores(e, deadline, labels, template, kind))
                              for e in encoded]
-            except* VendorFailure as failures:
-                raise failures.exceptions[0] from None
+            except ExceptionGroup as errors:
+                if not all(isinstance(e, VendorFailure) for e in errors.exceptions):
+                    raise  # a bug, not a vendor failure: the route logs it whole
+                # Python 3.11's TaskGroup.__aexit__ frame and its exception group hold each other, and the group's
+                # traceback holds this frame, with the batch's images: cut, or they wait for a collection
+                errors.__traceback__ = None
+                failure = errors.exceptions[0]
+            if failure is not None:
+                del group, tasks  # a failed task holds its failure, whose traceback will hold this frame
+                try:
+                    raise failure  # outside the handler, so that its __context__ is not the group
+                finally:
+                    failure = None  # nor may this frame hold it once it has left
             rows = [t.result() for t in tasks]
         return self.classified(np.stack(rows))  # [n, c], each row checked complete and finite by the client
 
