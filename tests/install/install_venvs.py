@@ -27,12 +27,12 @@ KINDS = {"runtime": "", "server": "[server]", "fit": "[fit]"}  # kind -> the ext
 PRESENT = {
     "runtime": {"numpy", "pillow", "safetensors", "onnxruntime", "httpx"},
     "server": {"numpy", "pillow", "safetensors", "onnxruntime", "httpx", "starlette", "uvicorn", "python-multipart",
-               "typer", "rich"},
+               "aiohttp", "typer", "rich"},
     "fit": {"torch", "open-clip-torch", "cma", "onnx", "onnxruntime", "typer", "rich"},
 }
 ABSENT = {
     "runtime": {"torch", "torchvision", "open-clip-torch", "onnx", "cma", "typer", "rich", "starlette", "uvicorn",
-                "onnxruntime-gpu"},
+                "aiohttp", "onnxruntime-gpu"},
     "server": {"torch", "torchvision", "open-clip-torch", "onnx", "cma", "onnxruntime-gpu"},
     "fit": {"starlette", "uvicorn", "onnxruntime-gpu"},
 }
@@ -197,7 +197,7 @@ first_s = time.perf_counter() - t0
 rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024
 batch = runtime.predict([Image.open(p) for p in images])
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "onnx", "open_clip", "cma", "typer",
-                                                              "rich", "starlette", "uvicorn"})
+                                                              "rich", "starlette", "uvicorn", "aiohttp"})
 print(json.dumps({"first_s": first_s, "rss_mb": rss, "label": first.label, "labels": batch.labels,
                   "probabilities": batch.probabilities.tolist(), "classes": batch.class_names, "heavy": heavy}))
 """

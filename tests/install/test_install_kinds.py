@@ -1,8 +1,10 @@
 """CI: the built wheel, installed from the registry into one fresh venv per install kind, does each kind's job.
 
-- runtime (bare ``pip install craft-adapter``): no torch, no onnx, no command-line packages; wraps the local
-  vendor and classifies, from the ``.safetensors`` adapter and from its exported ``.onnx``, identically;
-- server (``[server]``): no torch, no onnx; serves the adapter and classifies over HTTP, with the runtime's answer;
+- runtime (bare ``pip install craft-adapter``): no torch, no onnx, no command-line or server packages (aiohttp
+  among them); wraps the local vendor and classifies, from the ``.safetensors`` adapter and from its exported
+  ``.onnx``, identically;
+- server (``[server]``): no torch, no onnx, with aiohttp (its vendor client); serves the adapter and classifies
+  over HTTP, with the runtime's answer;
 - fit (``[fit]``): a tiny soft fit on the reference vendor shipped in the wheel, a tiny text fit against the local
   vendor over HTTP, and ``export --onnx`` of both.
 
