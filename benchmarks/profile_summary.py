@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/profile_summary.py PROFILE.txt
 
 Each sample is charged to the innermost frame that belongs to a known part (uvicorn/h11 parsing, Starlette,
-the server's own middleware and handlers, JSON, PIL, httpx to the vendor, onnxruntime, logging, the asyncio
-loop and its socket calls); so a ``json.dumps`` called by Starlette counts as JSON, and Starlette's own lines
-as Starlette. Shares are of all samples in Python threads (native onnxruntime threads are not seen).
+the server's own middleware and handlers, JSON, PIL, aiohttp (the server's vendor client) or httpx to the vendor,
+onnxruntime, logging, the asyncio loop and its socket calls); so a ``json.dumps`` called by Starlette counts as
+JSON, and Starlette's own lines as Starlette. Shares are of all samples in Python threads (native onnxruntime
+threads are not seen).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ PARTS = (
                                              "serve/server/adapter_routes.py")),
     ("server: vendor client (pool, retries)", ("serve/server/vendor_pool.py", "craft_adapter/vendors/")),
     ("runtime (shipped adapter refine)", ("craft_adapter/serve/", "/work/main/serve/")),
+    ("aiohttp/yarl/multidict (vendor calls)", ("aiohttp/", "aiohappyeyeballs/", "yarl/", "multidict/",
+                                              "propcache/")),
     ("httpx/httpcore (vendor calls)", ("httpx/", "httpcore/", "h2/")),
     ("uvicorn/h11 (HTTP server protocol)", ("uvicorn/", "h11/")),
     ("starlette (routing, request, response)", ("starlette/",)),
