@@ -108,9 +108,10 @@ class FitConfig:
                                          "operational")
     # issue 15: settings added after adapters were first shipped are recorded only when they differ from their
     # default (NEW_SETTING_DEFAULTS), so that an adapter fitted before they existed keeps its bytes
-    embedding_head: bool = setting(False, "Embedding vendors: also learn a linear head on the image embeddings, "
-                                   "initialised at the zero-shot text classifier, beside the logit refiner (no "
-                                   "extra queries: the embeddings are already paid for).")
+    embedding_head: bool = setting(False, "Embedding vendors: after the fit, learn a linear head on the image "
+                                   "embeddings, initialised at the learned prompt's zero-shot text classifier; it "
+                                   "replaces the logit refiner (no extra queries: the embeddings are already paid "
+                                   "for; measured: benchmarks/results/suite_accuracy.json).")
     cma_diagonal: bool = setting(True, "Soft mode: separable CMA-ES (a diagonal covariance), linear rather than "
                                  "quadratic in the search dimension and as accurate over the task suite; off: "
                                  "full covariance, as the paper.")
