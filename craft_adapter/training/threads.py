@@ -2,9 +2,9 @@
 
 Between vendor calls a fit does small sums: CMA-ES, the projection ``z @ A``, cosine logits, the refiner on a
 few hundred rows. Spread over threads, those cost more in waking and spinning workers than they save, and on a
-busy machine far more: measured on the 2-core reference machine under load, a reference soft fit spent 37 s
-outside vendor calls with numpy's BLAS at its default threads and 21 s with one (benchmarks/results/
-fit_threads.json). The vendor call itself (an in-process model's forward) keeps every thread it had.
+busy machine far more: on the 2-core reference machine a reference soft fit spent 7.4 s outside vendor calls
+with default threads against 5.5 s with one at load 3 to 4, and 32 s against 21 s at load 9
+(benchmarks/fit_threads.py). The vendor call itself (an in-process model's forward) keeps every thread it had.
 """
 
 from __future__ import annotations
