@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,14 +24,19 @@ _BACKENDS: dict[str, Any] = {}
 _SCORERS: dict[str, TestScorer] = {}
 
 
-def backend_for(task: Any) -> Any:
-    """The in-process open_clip backend of the task's vendor (one per vendor per process)."""
+def backend_at(vendor_dir: Path) -> Any:
+    """The in-process open_clip backend of the vendor in ``vendor_dir``, on the CPU (one per vendor per process)."""
     from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
-    spec = f"local-dir:{task.vendor_dir}"
+    spec = f"local-dir:{vendor_dir}"
     if spec not in _BACKENDS:
         _BACKENDS[spec] = OpenClipBackend(spec, device="cpu")
     return _BACKENDS[spec]
+
+
+def backend_for(task: Any) -> Any:
+    """The in-process backend of the task's vendor."""
+    return backend_at(task.vendor_dir)
 
 
 class TestScorer:

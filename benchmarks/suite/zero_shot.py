@@ -18,18 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.suite import glyphs  # noqa: E402
 from benchmarks.suite.tasks import GLYPH_VENDOR_DIR, SUITE, task  # noqa: E402
+from benchmarks.suite_runs import backend_at  # noqa: E402
 from craft_adapter.reference.task import arrays_to_images  # noqa: E402
 from craft_adapter.vendors.open_clip_backend import OpenClipBackend  # noqa: E402
-
-_BACKENDS: dict[str, OpenClipBackend] = {}
-
-
-def backend(vendor_dir: Path) -> OpenClipBackend:
-    """One CPU backend per vendor folder, loaded once."""
-    spec = f"local-dir:{vendor_dir}"
-    if spec not in _BACKENDS:
-        _BACKENDS[spec] = OpenClipBackend(spec, device="cpu")
-    return _BACKENDS[spec]
 
 
 def template_accuracies(box: OpenClipBackend, image_emb: np.ndarray, labels: np.ndarray,
@@ -51,7 +42,7 @@ def main() -> None:
     print(f"{'task':<20} {'vendor':<13} {'a photo of a {}.':>16} {'best template':>14}  best")
     for name in args.tasks.split(","):
         t = task(name)
-        box = backend(t.vendor_dir)
+        box = backend_at(t.vendor_dir)
         test = t.test()
         acc = template_accuracies(box, box.embed_images(test.images), test.labels, t.class_names, t.templates())
         best = max(acc, key=acc.__getitem__)
@@ -60,7 +51,7 @@ def main() -> None:
               f"  {best!r}{tag}", flush=True)
     if args.sans_check:
         x, y = glyphs.glyph_bank(77, glyphs.SANS_FONTS, seed=424242)  # not a seed the vendor trained on
-        box = backend(GLYPH_VENDOR_DIR)
+        box = backend_at(GLYPH_VENDOR_DIR)
         acc = template_accuracies(box, box.embed_images(arrays_to_images(x)), y, glyphs.LETTER_CLASSES,
                                   ("a photo of a {}.",))
         print(f"{'(sans letters)':<20} {GLYPH_VENDOR_DIR.name:<13} {100 * acc['a photo of a {}.']:>15.1f}%")
