@@ -106,8 +106,8 @@ class FitConfig:
     cache_max_mb: float | None = setting(None, "Cap on the query cache's answers; over it the oldest answers of "
                                          "other backends, then of this one that no resume needs, are evicted.",
                                          "operational")
-    # issue 15: settings added after adapters were first shipped are recorded only when they differ from their
-    # default (NEW_SETTING_DEFAULTS), so that an adapter fitted before they existed keeps its bytes
+    # issue 15: settings added after adapters were first shipped are recorded only when they differ from the value
+    # that reproduces a fit from before they existed (NEW_SETTING_DEFAULTS), so such an adapter keeps its bytes
     embedding_head: bool = setting(False, "Embedding vendors: after the fit, learn a linear head on the image "
                                    "embeddings, initialised at the learned prompt's zero-shot text classifier; it "
                                    "replaces the logit refiner (no extra queries: the embeddings are already paid "
