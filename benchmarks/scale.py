@@ -31,6 +31,7 @@ from PIL import Image
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 CHILD = [sys.executable, str(BENCH / "kill_child.py")]
+CACHE = "craft-adapter-cache.sqlite"
 
 
 def build_folder(root: Path, n_classes: int, shots: int = 16) -> Path:
@@ -69,23 +70,26 @@ def soft_bytes(cache: Path) -> int:
                    .fetchone()[0])
 
 
-def one(n_classes: int, budget: int, work: Path, resume: bool, extra: list[str]) -> dict:
+def one(n_classes: int, budget: int, work: Path, resume: bool, extra: list[str], every: int) -> dict:
     """Every figure for one class count."""
     data = build_folder(work / f"data{n_classes}", n_classes)
     base = work / f"c{n_classes}"
     base.mkdir()
     out = base / "adapter.safetensors"
-    fit = ["fit", "-o", str(out), "--data", str(data), "--budget", str(budget), "--seed", "1", *extra]
+    fit = ["fit", "-o", str(out), "--data", str(data), "--budget", str(budget), "--seed", "1",
+           "--checkpoint-every", str(every), *extra]
     status, wall, rss = run(fit, base / "ledger", base / "fit.log")
     if status != 0:
         raise RuntimeError((base / "fit.log").read_text()[-2000:])
     log = json.loads(out.with_name(out.name + ".fitlog.json").read_text())
     gens, queries = len(log["history"]), log["meter"]["queries"]
     row = {"classes": n_classes, "images": n_classes * 16, "budget": budget, "queries": queries, "generations": gens,
+           "checkpoint_every": every,
            "fit_wall_s": round(wall, 2), "fit_wall_in_log_s": log["wall_time_s"],
+           "outside_loop_s": round(wall - log["wall_time_s"], 2),  # start-up, decoding, image embedding, writing
            "s_per_generation": round(log["wall_time_s"] / gens, 3), "vendor_s": log["vendor_time_s"],
            "peak_rss_mb": round(rss / 2**20, 1),
-           "cache_soft_bytes_per_query": round(soft_bytes(base / "craft-adapter-cache.sqlite") / queries),
+           "cache_soft_bytes_per_query": round(soft_bytes(base / CACHE) / queries),
            "sha256": __import__("hashlib").sha256(out.read_bytes()).hexdigest()}
     if resume:
         calls = (base / "ledger").stat().st_size
@@ -97,36 +101,65 @@ def one(n_classes: int, budget: int, work: Path, resume: bool, extra: list[str])
         shutil.copytree(cut, replay)
         for name, folder, more in (("checkpoint", cut, []), ("replay", replay, ["--checkpoint-every", "0"])):
             o = folder / "adapter.safetensors"
-            status, wall, rss = run(["fit", "-o", str(o), "--resume", *more], folder / "ledger2", folder / "resume.log")
+            # each resume on its own cache: the manifest names the killed fit's cache, which the other resume fills
+            status, wall, rss = run(["fit", "-o", str(o), "--resume", "--cache", str(folder / CACHE), *more],
+                                    folder / "ledger2", folder / "resume.log")
             same = status == 0 and __import__("hashlib").sha256(o.read_bytes()).hexdigest() == row["sha256"]
             row[f"resume_{name}_s"] = round(wall, 2)
             row[f"resume_{name}_share"] = round(wall / row["fit_wall_s"], 3)
             row[f"resume_{name}_identical"] = same
+            row[f"resume_{name}_paid_calls"] = (folder / "ledger2").stat().st_size
         row["kill_at_calls"] = int(0.9 * calls)
     return row
 
 
-def main() -> None:
-    """Run the class counts, fit the exponent, write the JSON and the plot."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
-    ap.add_argument("--budget", type=int, default=400)
-    ap.add_argument("--no-resume", action="store_true")
-    ap.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[], help="more fit options (e.g. --model ...)")
-    ap.add_argument("--out", type=Path, default=BENCH / "results" / "scale.json")
-    args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="scale-"))
-    rows = []
-    for c in args.classes:
-        rows.append(one(c, args.budget, work, not args.no_resume, args.fit_args))
-        print(json.dumps(rows[-1]), flush=True)
-    result = {"command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]), "rows": rows}
+def hwm() -> int:
+    """This process's peak RSS so far (VmHWM), bytes."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
+    return int(line.split()[1]) * 1024
+
+
+def probe_child(model: str, what: str, n: int) -> None:
+    """(child) Load ``model`` (random weights for an architecture name) and run one backend call of ``n`` inputs.
+
+    ``text``: one soft-prompt candidate over ``n`` class names, i.e. one ``encode_text`` of ``n`` sequences (the
+    backend's soft chunk is ``4096 // C`` candidates, about 4,000 sequences at any C up to 4,096); ``images``: one
+    batch of ``n`` images. Prints the peak RSS after loading; the parent reads the peak over the call by ``wait4``.
+    """
+    from craft_adapter.vendors.open_clip_backend import OpenClipBackend
+
+    b = OpenClipBackend(model, device="cpu", allow_random_init=True)
+    loaded = hwm()
+    if what == "text":
+        b.embed_soft(b.soft_prompt_init("a photo of a")[None], [f"class {i}" for i in range(n)])
+    else:
+        b.embed_images([Image.new("RGB", (224, 224))] * n)
+    print(json.dumps({"loaded_peak_rss_mb": round(loaded / 2**20, 1)}), flush=True)
+
+
+def probe(model: str, what: str, n: int) -> dict:
+    """Peak RSS of one backend call in a fresh child (see :func:`probe_child`)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--probe-child", model, what, str(n)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"probe {model} {what} {n} failed")
+    return {"model": model, "call": what, "n": n, **json.loads(out.splitlines()[-1]),
+            "peak_rss_mb": round(usage.ru_maxrss / 2**10, 1), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def report(rows: list[dict], result: dict, out: Path) -> None:
+    """Fit the exponent over ``rows``, write ``out`` (JSON) and the plot beside it."""
+    rows = sorted(rows, key=lambda r: r["classes"])
+    result["rows"] = rows
     if len(rows) > 1:
         cs = np.log([r["classes"] for r in rows])
         result["exponent_s_per_generation_vs_classes"] = round(float(np.polyfit(
             cs, np.log([r["s_per_generation"] for r in rows]), 1)[0]), 3)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
     try:
         import matplotlib
 
@@ -140,10 +173,42 @@ def main() -> None:
         ax[1].semilogx(c, [r["peak_rss_mb"] for r in rows], "o-")
         ax[1].set(xlabel="classes", ylabel="peak RSS (MB)")
         fig.tight_layout()
-        fig.savefig(args.out.with_suffix(".png"), dpi=100)
+        fig.savefig(out.with_suffix(".png"), dpi=100)
     except ImportError:
         pass
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    """Run the class counts (or merge earlier runs' rows, or probe a backend), write the JSON and the plot."""
+    if sys.argv[1:2] == ["--probe-child"]:
+        return probe_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--budget", type=int, default=400)
+    ap.add_argument("--no-resume", action="store_true")
+    ap.add_argument("--checkpoint-every", type=int, default=10, help="the fit's checkpoint interval (generations)")
+    ap.add_argument("--merge", type=Path, nargs="+", help="no fits: merge the rows of these earlier outputs")
+    ap.add_argument("--probe", nargs=3, action="append", metavar=("MODEL", "text|images", "N"),
+                    help="no fits: peak RSS of one backend call of N inputs (repeatable)")
+    ap.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[], help="more fit options (e.g. --model ...)")
+    ap.add_argument("--out", type=Path, default=BENCH / "results" / "scale.json")
+    args = ap.parse_args()
+    command = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
+    if args.probe:
+        probes = [probe(m, w, int(n)) for m, w, n in args.probe]
+        args.out.write_text(json.dumps({"command": command, "probes": probes}, indent=1) + "\n")
+        return print(f"wrote {args.out}")
+    if args.merge:
+        runs = [json.loads(p.read_text()) for p in args.merge]
+        rows = [r for run in runs for r in run["rows"]]
+        return report(rows, {"command": command, "merged": [run["command"] for run in runs]}, args.out)
+    work = Path(tempfile.mkdtemp(prefix="scale-"))
+    rows = []
+    for c in args.classes:
+        rows.append(one(c, args.budget, work, not args.no_resume, args.fit_args, args.checkpoint_every))
+        print(json.dumps(rows[-1]), flush=True)
+    report(rows, {"command": command}, args.out)
 
 
 if __name__ == "__main__":
