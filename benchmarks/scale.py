@@ -1,6 +1,8 @@
 """Scale benchmark (issue 17): soft-mode fits on the reference vendor at C classes, 16 shots, a reduced budget.
 
-    .venv/bin/python benchmarks/scale.py [--classes 10 100 1000] [--budget 400] [--no-resume]
+    .venv/bin/python benchmarks/scale.py [--classes 10 100 1000] [--budget 400] [--checkpoint-every 2] [--no-resume]
+    .venv/bin/python benchmarks/scale.py --merge A.json B.json          # rows of earlier runs, one exponent
+    .venv/bin/python benchmarks/scale.py --probe ViT-B-16 text 4000 ... # peak RSS of one backend call, no fit
 
 For each C a synthetic folder of C classes x 16 Fashion-MNIST training images, relabelled "class 0".."class C-1"
 (the reference vendor never saw these names: this measures cost, not accuracy). Each fit runs the CLI in a child
