@@ -6,11 +6,9 @@ from a worker thread (anyio keeps it in a future those frames hold), as an image
 from __future__ import annotations
 
 import asyncio
-import gc
-from collections.abc import Iterator
 
 import anyio.to_thread
-import pytest
+from gc_cycles import held_only_by_cycles, no_collections  # noqa: F401 (an autouse fixture)
 from starlette.requests import Request
 
 # isort: split
@@ -23,21 +21,9 @@ class Body(bytearray):
     """A request body that can be watched with a weak reference."""
 
 
-@pytest.fixture(autouse=True)
-def no_collections() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    yield
-    gc.set_debug(0)
-    gc.garbage.clear()
-    gc.enable()
-
-
 def bodies_in_cycles() -> list[int]:
     """Sizes of the bodies that only a reference cycle still holds (what the next collection would free)."""
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    gc.collect()
-    return [len(r) for o in gc.garbage for r in gc.get_referents(o) if isinstance(r, Body)]
+    return [len(r) for r in held_only_by_cycles(lambda r: isinstance(r, Body))]
 
 
 def refuse(body: Body) -> None:

@@ -8,13 +8,11 @@ can only be freed by a collection."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from gc_cycles import held_only_by_cycles, no_collections  # noqa: F401 (an autouse fixture)
 
 from craft_adapter.artifact.synthetic import synthetic_adapter
 from craft_adapter.testing.stub_vendor import running_stub
@@ -29,22 +27,9 @@ from craft_adapter.serve.shipped import ShippedAdapter
 IMAGE_BYTES = 300_000  # big enough that nothing else in the heap is this long
 
 
-@pytest.fixture(autouse=True)
-def no_collections() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    yield
-    gc.set_debug(0)
-    gc.garbage.clear()
-    gc.enable()
-
-
 def images_in_cycles() -> list[int]:
     """Sizes of the images (raw or base64) that only a reference cycle still holds."""
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    gc.collect()
-    return sorted(len(r) for o in gc.garbage for r in gc.get_referents(o)
-                  if isinstance(r, bytes | str) and len(r) >= IMAGE_BYTES)
+    return sorted(len(r) for r in held_only_by_cycles(lambda r: isinstance(r, bytes | str) and len(r) >= IMAGE_BYTES))
 
 
 def test_no_cycle_keeps_a_batch_whose_vendor_call_failed(tmp_path: Path) -> None:
