@@ -1,11 +1,12 @@
 """Resume checkpoints for soft-mode fits: continue from the last one instead of replaying the whole fit.
 
 Beside the adapter ``<output>`` a soft-mode fit writes ``<output>.ckpt.safetensors`` every ``checkpoint_every``
-generations and when it is stopped (Ctrl-C, a vendor stop, any error): safetensors arrays plus one JSON string in
-the header, written to a temporary file and renamed, so a kill leaves the previous checkpoint or the new one, never
-half of one. No pickle. It holds the state after a completed generation: the refiner and Adam's moments, the torch
-RNG states, the current and best (hold-out) prompt and refiner, the meter's counts, the fit history, and the
-fitness values told to CMA-ES each generation.
+generations, after any generation that ends ``checkpoint_seconds`` or more after the last write (many-class fits
+have slow generations), and when it is stopped (Ctrl-C, a vendor stop, any error): safetensors arrays plus one JSON
+string in the header, written to a temporary file and renamed, so a kill leaves the previous checkpoint or the new
+one, never half of one. No pickle. It holds the state after a completed generation: the refiner and Adam's moments,
+the torch RNG states, the current and best (hold-out) prompt and refiner, the meter's counts, the fit history, and
+the fitness values told to CMA-ES each generation.
 
 CMA-ES: the ``cma`` package saves an ``es`` only by pickling it, and its state is a deep object graph (sampler,
 step-size adaptation, boundary handler) driven by numpy's global RNG. So the checkpoint keeps what decides that
@@ -66,8 +67,9 @@ class Checkpoints:
     """
 
     def __init__(self, path: Path, identity: dict[str, Any], every: int, resume: bool,
-                 on_saved: Callable[[float], None] | None = None) -> None:
+                 on_saved: Callable[[float], None] | None = None, seconds: float = 0.0) -> None:
         self.path, self.identity, self.every, self.resume, self.on_saved = path, identity, every, resume, on_saved
+        self.seconds, self._since = seconds, time.monotonic()  # a write is also due ``seconds`` after the last
         self.told: list[np.ndarray] = []
         self._last: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
         self._written = -1
@@ -96,7 +98,7 @@ class Checkpoints:
                           "images_sent": meter.images_sent},
                 "es": {"sigma": float(es.sigma), "countiter": int(es.countiter), "np_rng_pos": pos}}
         self._last = (arrays, meta)
-        if self.every and gen % self.every == 0:
+        if (self.every and gen % self.every == 0) or (self.seconds and time.monotonic() - self._since >= self.seconds):
             self.save_last()
 
     def save_last(self) -> None:
@@ -108,7 +110,7 @@ class Checkpoints:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_bytes(st_save(arrays, metadata={META_KEY: _dumps(meta)}))
         os.replace(tmp, self.path)
-        self._written = meta["generation"]
+        self._written, self._since = meta["generation"], time.monotonic()
         if self.on_saved is not None:
             self.on_saved(meta["time"])
 

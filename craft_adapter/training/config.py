@@ -100,6 +100,9 @@ class FitConfig:
                                       "operational")
     checkpoint_every: int = setting(10, "Soft mode: write a resume checkpoint beside the output every this many "
                                     "generations (and on Ctrl-C or a vendor stop); 0: never.", "operational")
+    checkpoint_seconds: float = setting(30.0, "Soft mode: also write one after any generation that ends this many "
+                                        "seconds after the last write, so a kill loses about this much work at most "
+                                        "on slow (many-class) fits; 0: by generations only.", "operational")
     cache_precision: Literal["float32", "float16"] = setting(
         "float32", "Soft mode: precision of the context answers kept in the query cache and used by the fit; "
         "float16 halves the cache but changes the adapter (measured: benchmarks/results/scale.json).")
@@ -141,6 +144,7 @@ class FitConfig:
             (self.timeout > 0, "timeout must be positive"),
             (self.memory_budget_mb > 0 and self.checkpoint_every >= 0,
              "memory_budget_mb must be positive and checkpoint_every non-negative"),
+            (self.checkpoint_seconds >= 0, "checkpoint_seconds must be non-negative"),
             (self.cache_precision in ("float32", "float16"), "cache_precision must be 'float32' or 'float16'"),
             (self.cache_max_mb is None or self.cache_max_mb > 0, "cache_max_mb must be positive"),
             (self.train_prompt or self.train_refiner, "nothing to train: enable the prompt or the refiner"),

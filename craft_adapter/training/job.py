@@ -54,7 +54,7 @@ def prepare(output: Path | None, run: FitRun, cfg: FitConfig, cache: QueryCache 
         if cache is not None:
             cache.protect_since = t
 
-    return Checkpoints(checkpoint_path(output), identity, cfg.checkpoint_every, resume, saved)
+    return Checkpoints(checkpoint_path(output), identity, cfg.checkpoint_every, resume, saved, cfg.checkpoint_seconds)
 
 
 def finish(output: Path, outcome: FitOutcome, run: FitRun) -> None:

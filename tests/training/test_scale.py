@@ -3,16 +3,18 @@ mid-way continues from its checkpoint to the uninterrupted adapter's bytes, repl
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import random_images
+from safetensors import safe_open
 
 from craft_adapter import FitConfig, fit_adapter
 from craft_adapter.blackbox.query_cache import QueryCache
 from craft_adapter.training.api import ResumeConflict, SettingsError
-from craft_adapter.training.checkpoint import checkpoint_path
+from craft_adapter.training.checkpoint import META_KEY, checkpoint_path
 from craft_adapter.training.image_sets import LabeledImages
 from craft_adapter.training.refiner import chunk_plan
 from craft_adapter.training.resume import FitRun, manifest_path
@@ -84,6 +86,28 @@ def test_a_stopped_fit_resumes_from_its_checkpoint_to_the_same_bytes(backend: Op
     # replay would ask for all 14 calls again; from the checkpoint: the two image sets, generations 7-8, the rest
     assert meter["vendor_calls"] == 14 and meter["paid_calls"] + meter["cached_calls"] <= 6, meter
     assert len(resumed.record.history) == 9 and not checkpoint_path(out).exists()
+
+
+@pytest.mark.parametrize("seconds", [0.0, 1e-6], ids=["by generations only", "by time too"])
+def test_a_slow_generation_writes_a_checkpoint_without_waiting_for_the_generation_count(
+        backend: OpenClipBackend, tmp_path: Path, seconds: float) -> None:
+    out = tmp_path / "a.safetensors"
+    on_disk: dict[int, int | None] = {}  # generation ending -> generation of the checkpoint on disk at that moment
+
+    def look(state) -> None:  # noqa: ANN001
+        path = checkpoint_path(out)
+        if path.exists():
+            with safe_open(str(path), "np") as f:
+                on_disk[state.generation] = json.loads(f.metadata()[META_KEY])["generation"]
+        else:
+            on_disk[state.generation] = None
+
+    cfg = FitConfig(**SMALL, checkpoint_every=1000, checkpoint_seconds=seconds)
+    fit_adapter(few_shots(3, 5), backend, cfg, output=out, on_progress=look)
+    if seconds:  # every generation took longer than 1 us: each one's state was written when it ended
+        assert on_disk == {1: None, **{g: g - 1 for g in range(2, 10)}}
+    else:
+        assert set(on_disk.values()) == {None}
 
 
 def test_a_damaged_checkpoint_is_refused_and_another_fits_is_ignored(backend: OpenClipBackend,
