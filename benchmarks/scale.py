@@ -124,9 +124,10 @@ def hwm() -> int:
 def probe_child(model: str, what: str, n: int) -> None:
     """(child) Load ``model`` (random weights for an architecture name) and run one backend call of ``n`` inputs.
 
-    ``text``: one soft-prompt candidate over ``n`` class names, i.e. one ``encode_text`` of ``n`` sequences (the
-    backend's soft chunk is ``4096 // C`` candidates, about 4,000 sequences at any C up to 4,096); ``images``: one
-    batch of ``n`` images. Prints the peak RSS after loading; the parent reads the peak over the call by ``wait4``.
+    ``text``: one soft-prompt candidate over ``n`` class names (``n`` sequences, encoded ``text_chunk`` at a time);
+    ``images``: ``n`` images (encoded ``image_chunk`` at a time). Both chunks are sized by the default memory budget
+    (``--memory-budget-mb``, 512 MB). Prints the peak RSS after loading and the chunks; the parent reads the peak over
+    the call by ``wait4``.
     """
     from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
@@ -136,7 +137,8 @@ def probe_child(model: str, what: str, n: int) -> None:
         b.embed_soft(b.soft_prompt_init("a photo of a")[None], [f"class {i}" for i in range(n)])
     else:
         b.embed_images([Image.new("RGB", (224, 224))] * n)
-    print(json.dumps({"loaded_peak_rss_mb": round(loaded / 2**20, 1)}), flush=True)
+    print(json.dumps({"loaded_peak_rss_mb": round(loaded / 2**20, 1), "text_chunk": b.text_chunk,
+                      "image_chunk": b.image_chunk}), flush=True)
 
 
 def probe(model: str, what: str, n: int) -> dict:

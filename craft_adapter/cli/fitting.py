@@ -189,8 +189,8 @@ def fit_cmd(
         key = _vendor_key(opts) if opts["vendor"] else None
     except ValueError as e:
         raise fail(str(e)) from None
-    backend = load_vendor(opts, key, cfg.timeout) if opts["vendor"] else load_backend(opts["model"], opts["weights"],
-                                                                                        device)
+    backend = load_vendor(opts, key, cfg.timeout) if opts["vendor"] else load_backend(
+        opts["model"], opts["weights"], device, cfg.memory_budget_mb)
     if auto and not backend.capabilities.soft_prompts:
         cfg = replace(cfg, prompt="text")
     cache_path = opts["cache"] or output.parent / "craft-adapter-cache.sqlite"

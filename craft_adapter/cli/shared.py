@@ -62,14 +62,16 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def load_backend(model: str, weights: Path | None, device: str) -> OpenClipBackend:
+def load_backend(model: str, weights: Path | None, device: str, memory_mb: float | None = None) -> OpenClipBackend:
     """Build the in-process open_clip backend, turning setup mistakes into clean CLI errors."""
     use_passive_omp_wait()  # before torch loads
     from craft_adapter.vendors.open_clip_backend import BackendError, OpenClipBackend
 
     try:
         with err.status(f"loading {model}"):
-            return OpenClipBackend(model, weights, device=device)
+            if memory_mb is None:
+                return OpenClipBackend(model, weights, device=device)
+            return OpenClipBackend(model, weights, device=device, memory_mb=memory_mb)
     except BackendError as e:
         raise fail(str(e)) from None
 

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from craft_adapter.vendors.protocols import MEMORY_BUDGET_MB
+
 DEFAULT_BUDGETS = {1: 2000, 2: 4000, 4: 4000, 8: 8000, 16: 8000}
 TEXT_DEFAULT_BUDGET = 20_000  # vendor calls
 GROUPS = ("decisive", "operational")
@@ -95,9 +97,10 @@ class FitConfig:
     eval_every: int = setting(10, "Generations between hold-out checks (1 query each).")
     # scale (issue 17): operational, except cache_precision (float16 answers change the adapter, so it is opt-in
     # and decisive: recorded when it is not float32, so adapters fitted before it existed keep their bytes)
-    memory_budget_mb: float = setting(512.0, "Memory for scoring a generation: the fitness is computed a few "
-                                      "candidates (and images) at a time within it; same adapter as one pass.",
-                                      "operational")
+    memory_budget_mb: float = setting(MEMORY_BUDGET_MB, "Memory for scoring a generation: the fitness is computed "
+                                      "a few candidates (and images) at a time within it, and the in-process model "
+                                      "encodes as many texts or images at once as fit in it; same adapter as one "
+                                      "pass.", "operational")
     checkpoint_every: int = setting(10, "Soft mode: write a resume checkpoint beside the output every this many "
                                     "generations (and on Ctrl-C or a vendor stop); 0: never.", "operational")
     checkpoint_seconds: float = setting(30.0, "Soft mode: also write one after any generation that ends this many "

@@ -14,9 +14,15 @@ import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from PIL import Image
 
-from craft_adapter.vendors.protocols import Capabilities
+from craft_adapter.vendors.protocols import MEMORY_BUDGET_MB, Capabilities
 
 log = logging.getLogger(__name__)
+
+MAX_TEXT_CHUNK = 4096  # sequences encoded at once, at most, whatever the memory budget
+# Bytes one input holds at the peak of a no-grad transformer pass, in units of one float32 residual stream
+# (tokens x width x 4): measured 13 to 17 on CPU (ViT-B-16 text 13.4, images 12.6; the reference vendor's text 17;
+# benchmarks/results/scale.json). 16 keeps a chunk near the budget without a probe pass.
+ACTIVATION_STREAMS = 16
 
 
 class BackendError(ValueError):
@@ -103,9 +109,10 @@ class OpenClipBackend:
     """
 
     def __init__(self, model: str, weights: str | Path | None = None, device: str = "auto",
-                 batch_size: int = 256, allow_random_init: bool = False) -> None:
+                 batch_size: int = 256, allow_random_init: bool = False,
+                 memory_mb: float = MEMORY_BUDGET_MB) -> None:
         self.device = pick_device(device)
-        self.batch_size = batch_size
+        self.batch_size, self.memory_mb = batch_size, memory_mb
         weights_file = self._resolve_weights(model, weights, allow_random_init)
         _require_weights_only(model, weights_file)
         self._model, _, self._preprocess = open_clip.create_model_and_transforms(
@@ -121,6 +128,24 @@ class OpenClipBackend:
             "name": "open_clip", "model": model.split("/")[-1] if model.startswith("local-dir:") else model,
             "weights_sha256": _file_digest(weights_file) if weights_file else "random-init",
         }
+
+    def _fits(self, tokens: int, width: int) -> int:
+        """How many inputs of ``tokens`` x ``width`` one pass may take within ``memory_mb`` (at least one)."""
+        return max(1, int(self.memory_mb * 2**20) // (ACTIVATION_STREAMS * tokens * width * 4))
+
+    @property
+    def text_chunk(self) -> int:
+        """Text sequences encoded at once: as many as the memory budget holds, at most 4,096."""
+        return min(MAX_TEXT_CHUNK, self._fits(self._model.context_length, self._model.transformer.width))
+
+    @property
+    def image_chunk(self) -> int:
+        """Images encoded at once: ``batch_size``, fewer when a ViT batch of that size would pass the budget."""
+        visual = self._model.visual
+        grid, trunk = getattr(visual, "grid_size", None), getattr(visual, "transformer", None)
+        if grid is None or trunk is None:  # not a ViT: no estimate, the batch size as given
+            return self.batch_size
+        return min(self.batch_size, self._fits(int(np.prod(grid)) + 1, trunk.width))
 
     @staticmethod
     def _resolve_weights(model: str, weights: str | Path | None, allow_random: bool) -> Path | None:
@@ -155,19 +180,19 @@ class OpenClipBackend:
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """L2-normalised image embeddings ``[n, d]``, through the model's own preprocessing."""
-        out = []
-        for i in range(0, len(images), self.batch_size):
-            batch = torch.stack([self._preprocess(im) for im in images[i:i + self.batch_size]])
+        out, step = [], self.image_chunk
+        for i in range(0, len(images), step):
+            batch = torch.stack([self._preprocess(im) for im in images[i:i + step]])
             out.append(F.normalize(self._model.encode_image(batch.to(self.device)), dim=-1).float().cpu())
         return torch.cat(out).numpy()
 
     # -- text side ----------------------------------------------------------------------------------
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """L2-normalised text embeddings ``[t, d]``; all texts go through in large batches."""
-        ids = self._tokenizer(list(texts)).to(self.device)
-        out = [F.normalize(self._model.encode_text(ids[i:i + 4096]), dim=-1).float().cpu()
-               for i in range(0, len(ids), 4096)]
+        """L2-normalised text embeddings ``[t, d]``; the texts go through in chunks sized by the memory budget."""
+        ids, step = self._tokenizer(list(texts)).to(self.device), self.text_chunk
+        out = [F.normalize(self._model.encode_text(ids[i:i + step]), dim=-1).float().cpu()
+               for i in range(0, len(ids), step)]
         return torch.cat(out).numpy()
 
     def _ctx_len(self, text: str) -> int:
@@ -194,15 +219,19 @@ class OpenClipBackend:
         ids = self._tokenizer([" ".join(["X"] * n_ctx) + f" {c}." for c in class_names]).to(self.device)
         base = self._model.token_embedding(ids)  # [c, L, width]
         ctx_t = torch.as_tensor(ctx, dtype=base.dtype, device=self.device)
-        out = []
-        per = max(1, 4096 // len(class_names))
-        for i in range(0, p, per):
-            chunk = ctx_t[i:i + per]  # [q, n_ctx, width]
-            emb = base.unsqueeze(0).repeat(len(chunk), 1, 1, 1)  # [q, c, L, width]
-            emb[:, :, 1:1 + n_ctx] = chunk[:, None]
-            flat = encode_text_embeddings(self._model, emb.flatten(0, 1), ids.repeat(len(chunk), 1))
-            out.append(F.normalize(flat, dim=-1).view(len(chunk), len(class_names), -1).float().cpu())
-        return torch.cat(out).numpy()
+        step, c = self.text_chunk, len(class_names)
+        if c > step:  # one candidate's class texts do not fit at once: its classes a chunk at a time
+            return torch.stack([torch.cat([self._soft_chunk(base[j:j + step], ids[j:j + step], ctx_t[i:i + 1])[0]
+                                           for j in range(0, c, step)]) for i in range(p)]).numpy()
+        per = step // c  # whole candidates a chunk, as many as fit
+        return torch.cat([self._soft_chunk(base, ids, ctx_t[i:i + per]) for i in range(0, p, per)]).numpy()
+
+    def _soft_chunk(self, base: torch.Tensor, ids: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``[q, c, d]`` of the class token rows ``base [c, L, width]`` with contexts ``ctx [q, n, w]``."""
+        emb = base.unsqueeze(0).repeat(len(ctx), 1, 1, 1)  # [q, c, L, width]
+        emb[:, :, 1:1 + ctx.shape[1]] = ctx[:, None]
+        flat = encode_text_embeddings(self._model, emb.flatten(0, 1), ids.repeat(len(ctx), 1))
+        return F.normalize(flat, dim=-1).view(len(ctx), len(base), -1).float().cpu()
 
     @torch.no_grad()
     def describe_soft(self, ctx: np.ndarray) -> str:

@@ -15,6 +15,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+MEMORY_BUDGET_MB = 512.0  # default memory for one chunk of a fit's work: a generation's fitness, one encoding batch
+
 
 @dataclass(frozen=True)
 class Capabilities:

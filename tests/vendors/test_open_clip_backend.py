@@ -49,6 +49,21 @@ def test_many_prompts_in_one_pass_match_one_at_a_time(backend):
     np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
+def test_a_small_memory_budget_encodes_in_smaller_chunks_with_the_same_embeddings(backend, tiny_model_dir):
+    # the tiny text tower: 16 tokens x width 32 -> 32 KB a sequence at 16 streams; 0.1 MB holds 3 sequences
+    small = OpenClipBackend(f"local-dir:{tiny_model_dir}", device="cpu", memory_mb=0.1)
+    assert small.text_chunk == 3 and backend.text_chunk == 4096
+    assert small.image_chunk < backend.image_chunk == 256
+    classes = [f"class {i}" for i in range(7)]  # more classes than a chunk holds: a candidate is split
+    ctx = np.random.default_rng(1).normal(0, 0.02, size=(4, 4, 32)).astype(np.float32)
+    np.testing.assert_allclose(small.embed_soft(ctx, classes), backend.embed_soft(ctx, classes), atol=1e-5)
+    few = classes[:2]  # a candidate fits: one chunk holds one whole candidate (2 of 3 rows), as before
+    np.testing.assert_allclose(small.embed_soft(ctx, few), backend.embed_soft(ctx, few), atol=1e-5)
+    np.testing.assert_allclose(small.embed_texts(classes), backend.embed_texts(classes), atol=1e-5)
+    imgs = random_images(small.image_chunk + 2)
+    np.testing.assert_allclose(small.embed_images(imgs), backend.embed_images(imgs), atol=1e-5)
+
+
 def test_images_use_the_models_own_preprocessing(backend):
     imgs = random_images(3)
     emb = backend.embed_images(imgs)
