@@ -2,9 +2,10 @@
 
     python benchmarks/kill_child.py LEDGER fit -o OUT ...
 
-Before each call of ``OpenClipBackend.embed_images``, ``embed_texts`` or ``embed_soft`` starts, one byte is
-appended to LEDGER with a single ``os.write`` on an ``O_APPEND`` descriptor, so the ledger's size is the number of
-calls started, and it stays exact when the process is killed at any instant (the kill test reads it from outside).
+Before each call of ``OpenClipBackend.embed_images``, ``embed_texts`` or ``embed_soft`` (or of
+``HttpZeroShotVendor.score``, one HTTP vendor call) starts, one byte is appended to LEDGER with a single
+``os.write`` on an ``O_APPEND`` descriptor, so the ledger's size is the number of calls started, and it stays exact
+when the process is killed at any instant (the kill test reads it from outside).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ COUNTED_METHODS = ("embed_images", "embed_texts", "embed_soft")
 
 def count_calls(ledger_fd: int) -> None:
     """Wrap the counted backend methods so each call appends one byte to ``ledger_fd`` before it starts."""
+    from craft_adapter.vendors.http_clients import HttpZeroShotVendor
     from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
     def counted(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -32,6 +34,7 @@ def count_calls(ledger_fd: int) -> None:
 
     for name in COUNTED_METHODS:
         setattr(OpenClipBackend, name, counted(getattr(OpenClipBackend, name)))
+    HttpZeroShotVendor.score = counted(HttpZeroShotVendor.score)  # a text-mode fit through an HTTP vendor
 
 
 def main(argv: list[str]) -> None:

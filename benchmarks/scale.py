@@ -1,6 +1,7 @@
 """Scale benchmark (issue 17): soft-mode fits on the reference vendor at C classes, 16 shots, a reduced budget.
 
-    .venv/bin/python benchmarks/scale.py [--classes 10 100 1000] [--budget 400] [--checkpoint-every 2] [--no-resume]
+    .venv/bin/python benchmarks/scale.py [--classes 10 100 1000] [--budget 400] [--resume both|checkpoint|none]
+    .venv/bin/python benchmarks/scale.py --prompt text --budget 3000 ...  # through the local vendor (own process)
     .venv/bin/python benchmarks/scale.py --merge A.json B.json          # rows of earlier runs, one exponent
     .venv/bin/python benchmarks/scale.py --probe ViT-B-16 text 4000 ... # peak RSS of one backend call, no fit
 
@@ -8,7 +9,7 @@ For each C a synthetic folder of C classes x 16 Fashion-MNIST training images, r
 (the reference vendor never saw these names: this measures cost, not accuracy). Each fit runs the CLI in a child
 (``benchmarks/kill_child.py``, which counts backend calls in a ledger), so its peak RSS comes from ``wait4``. Measured:
 wall time per generation (the fit log's wall time / generations), peak RSS, query-cache bytes per query (soft
-answers), and, unless --no-resume, the resume time after a SIGKILL at 90% of the calls: once from the checkpoint
+answers), and the resume time after a SIGKILL when the fit passes 90% of its budget: once from the checkpoint
 (default) and once by replay only (the same killed folder copied, resumed with --checkpoint-every 0). The exponent
 of time per generation against C is fitted in log-log. Writes ``benchmarks/results/scale.json`` and ``scale.png``.
 """
@@ -65,43 +66,70 @@ def run(args: list[str], ledger: Path, log: Path, kill_at: int | None = None) ->
     return status, time.perf_counter() - t0, usage.ru_maxrss * 1024
 
 
-def soft_bytes(cache: Path) -> int:
-    """Bytes of the soft-prompt answers in the query cache."""
+def answer_bytes(cache: Path) -> tuple[int, int]:
+    """(answers, bytes) of the prompt answers in the query cache: soft embeddings (one a candidate) or text scores
+    (one a call); not the image embeddings."""
     with sqlite3.connect(cache) as db:
-        return int(db.execute("SELECT COALESCE(SUM(LENGTH(value)), 0) FROM answers WHERE kind LIKE 'soft%'")
-                   .fetchone()[0])
+        n, size = db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(value)), 0) FROM answers WHERE kind != 'image'"
+                             ).fetchone()
+    return int(n), int(size)
 
 
-def one(n_classes: int, budget: int, work: Path, resume: bool, extra: list[str], every: int) -> dict:
-    """Every figure for one class count."""
+def kill_point(log: dict) -> int:
+    """The ledger count (calls started) at which the fit passes 90% of its budget: a soft fit's budget is in
+    queries (a generation is one call of ``popsize`` queries), so the kill lands on the call of the generation
+    that crosses it; a text fit's is in calls."""
+    if log["meter"]["unit"] == "vendor_calls":
+        return int(np.ceil(0.9 * log["meter"]["vendor_calls"]))
+    target = 0.9 * log["meter"]["budget"]
+    return next(h["vendor_calls"] for h in log["history"] if h["queries"] >= target)
+
+
+def start_vendor() -> tuple[subprocess.Popen, str]:
+    """The local Hugging Face zero-shot vendor (the reference model) in its own process; its URL."""
+    proc = subprocess.Popen([sys.executable, "-m", "craft_adapter.cli", "vendor", "--port", "0", "--device", "cpu"],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+    return proc, proc.stdout.readline().split(" at ")[1].strip()
+
+
+def one(n_classes: int, budget: int, work: Path, resume: str, extra: list[str], every: int,
+        vendor: str | None = None) -> dict:
+    """Every figure for one class count; ``resume``: "both" (checkpoint and replay), "checkpoint" or "none"."""
     data = build_folder(work / f"data{n_classes}", n_classes)
     base = work / f"c{n_classes}"
     base.mkdir()
     out = base / "adapter.safetensors"
+    mode = ["--prompt", "text", "--vendor", vendor] if vendor else []
     fit = ["fit", "-o", str(out), "--data", str(data), "--budget", str(budget), "--seed", "1",
-           "--checkpoint-every", str(every), *extra]
+           "--checkpoint-every", str(every), *mode, *extra]
     status, wall, rss = run(fit, base / "ledger", base / "fit.log")
     if status != 0:
         raise RuntimeError((base / "fit.log").read_text()[-2000:])
     log = json.loads(out.with_name(out.name + ".fitlog.json").read_text())
     gens, queries = len(log["history"]), log["meter"]["queries"]
-    row = {"classes": n_classes, "images": n_classes * 16, "budget": budget, "queries": queries, "generations": gens,
-           "checkpoint_every": every,
+    answers, size = answer_bytes(base / CACHE)
+    row = {"classes": n_classes, "prompt": "text" if vendor else "soft", "images": n_classes * 16, "budget": budget,
+           "budget_unit": log["meter"]["unit"], "queries": queries, "vendor_calls": log["meter"]["vendor_calls"],
+           "generations": gens, "checkpoint_every": every,
            "fit_wall_s": round(wall, 2), "fit_wall_in_log_s": log["wall_time_s"],
            "outside_loop_s": round(wall - log["wall_time_s"], 2),  # start-up, decoding, image embedding, writing
            "s_per_generation": round(log["wall_time_s"] / gens, 3), "vendor_s": log["vendor_time_s"],
-           "peak_rss_mb": round(rss / 2**20, 1),
-           "cache_soft_bytes_per_query": round(soft_bytes(base / CACHE) / queries),
+           "peak_rss_mb": round(rss / 2**20, 1),  # the fit's process (a text fit's vendor runs in its own)
+           "cache_bytes_per_query": round(size / queries),
+           "cache_bytes_per_class_per_answer": round(size / max(1, answers) / n_classes, 1),
            "sha256": __import__("hashlib").sha256(out.read_bytes()).hexdigest()}
-    if resume:
-        calls = (base / "ledger").stat().st_size
+    if resume != "none":
         cut = work / f"c{n_classes}-kill"
         cut.mkdir()
         kout = cut / "adapter.safetensors"
-        run(fit[:1] + ["-o", str(kout)] + fit[3:], cut / "ledger", cut / "fit.log", kill_at=int(0.9 * calls))
-        replay = work / f"c{n_classes}-replay"
-        shutil.copytree(cut, replay)
-        for name, folder, more in (("checkpoint", cut, []), ("replay", replay, ["--checkpoint-every", "0"])):
+        row["kill_at_calls"], row["calls"] = kill_point(log), (base / "ledger").stat().st_size
+        run(fit[:1] + ["-o", str(kout)] + fit[3:], cut / "ledger", cut / "fit.log", kill_at=row["kill_at_calls"])
+        ways = [("replay" if vendor else "checkpoint", cut, [])]  # text mode resumes by replay only
+        if resume == "both" and not vendor:
+            replay = work / f"c{n_classes}-replay"
+            shutil.copytree(cut, replay)
+            ways.append(("replay", replay, ["--checkpoint-every", "0"]))
+        for name, folder, more in ways:
             o = folder / "adapter.safetensors"
             # each resume on its own cache: the manifest names the killed fit's cache, which the other resume fills
             status, wall, rss = run(["fit", "-o", str(o), "--resume", "--cache", str(folder / CACHE), *more],
@@ -111,7 +139,6 @@ def one(n_classes: int, budget: int, work: Path, resume: bool, extra: list[str],
             row[f"resume_{name}_share"] = round(wall / row["fit_wall_s"], 3)
             row[f"resume_{name}_identical"] = same
             row[f"resume_{name}_paid_calls"] = (folder / "ledger2").stat().st_size
-        row["kill_at_calls"] = int(0.9 * calls)
     return row
 
 
@@ -156,12 +183,13 @@ def probe(model: str, what: str, n: int) -> dict:
 
 def report(rows: list[dict], result: dict, out: Path) -> None:
     """Fit the exponent over ``rows``, write ``out`` (JSON) and the plot beside it."""
-    rows = sorted(rows, key=lambda r: r["classes"])
+    rows = sorted(rows, key=lambda r: (r.get("prompt", "soft"), r["classes"]))
     result["rows"] = rows
-    if len(rows) > 1:
-        cs = np.log([r["classes"] for r in rows])
-        result["exponent_s_per_generation_vs_classes"] = round(float(np.polyfit(
-            cs, np.log([r["s_per_generation"] for r in rows]), 1)[0]), 3)
+    modes = {m: [r for r in rows if r.get("prompt", "soft") == m] for m in ("soft", "text")}
+    for m, mine in modes.items():
+        if len({r["classes"] for r in mine}) > 1:
+            result[f"exponent_s_per_generation_vs_classes_{m}"] = round(float(np.polyfit(
+                np.log([r["classes"] for r in mine]), np.log([r["s_per_generation"] for r in mine]), 1)[0]), 3)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     try:
@@ -171,11 +199,14 @@ def report(rows: list[dict], result: dict, out: Path) -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-        c = [r["classes"] for r in rows]
-        ax[0].loglog(c, [r["s_per_generation"] for r in rows], "o-")
+        for m, mine in modes.items():
+            if mine:
+                c = [r["classes"] for r in mine]
+                ax[0].loglog(c, [r["s_per_generation"] for r in mine], "o-", label=f"{m} mode")
+                ax[1].semilogx(c, [r["peak_rss_mb"] for r in mine], "o-", label=f"{m} mode")
         ax[0].set(xlabel="classes", ylabel="s per generation")
-        ax[1].semilogx(c, [r["peak_rss_mb"] for r in rows], "o-")
-        ax[1].set(xlabel="classes", ylabel="peak RSS (MB)")
+        ax[1].set(xlabel="classes", ylabel="peak RSS of the fit process (MB)")
+        ax[0].legend()
         fig.tight_layout()
         fig.savefig(out.with_suffix(".png"), dpi=100)
     except ImportError:
@@ -190,7 +221,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--budget", type=int, default=400)
-    ap.add_argument("--no-resume", action="store_true")
+    ap.add_argument("--resume", choices=["both", "checkpoint", "none"], default="both",
+                    help="after a kill at 90%% of the budget, resume from the checkpoint and by replay (both)")
+    ap.add_argument("--prompt", choices=["soft", "text"], default="soft",
+                    help="text: through the local zero-shot vendor in its own process (budget in calls)")
     ap.add_argument("--checkpoint-every", type=int, default=10, help="the fit's checkpoint interval (generations)")
     ap.add_argument("--merge", type=Path, nargs="+", help="no fits: merge the rows of these earlier outputs")
     ap.add_argument("--probe", nargs=3, action="append", metavar=("MODEL", "text|images", "N"),
@@ -208,11 +242,18 @@ def main() -> None:
         rows = [r for run in runs for r in run["rows"]]
         return report(rows, {"command": command, "merged": [run["command"] for run in runs]}, args.out)
     work = Path(tempfile.mkdtemp(prefix="scale-"))
+    vendor = start_vendor() if args.prompt == "text" else None
     rows = []
-    for c in args.classes:
-        rows.append(one(c, args.budget, work, not args.no_resume, args.fit_args, args.checkpoint_every))
-        print(json.dumps(rows[-1]), flush=True)
-    report(rows, {"command": command}, args.out)
+    try:
+        for c in args.classes:
+            rows.append(one(c, args.budget, work, args.resume, args.fit_args, args.checkpoint_every,
+                            vendor and vendor[1]))
+            print(json.dumps(rows[-1]), flush=True)
+            report(rows, {"command": command}, args.out)
+    finally:
+        if vendor is not None:
+            vendor[0].terminate()
+            vendor[0].wait(timeout=30)
 
 
 if __name__ == "__main__":
