@@ -199,14 +199,14 @@ class BlackBox:
         """Scores ``[p, m, c]`` of each template (``{}`` marks the class name) on image ``rows`` (default all)."""
         rows = range(len(self._images)) if rows is None else rows
         if self.capabilities.style == "scoring":
-            return self._pairs().scores(templates, rows)
+            return self.pair_scorer().scores(templates, rows)
         return self._cosine_logits(self._text_embeddings(templates))[:, list(rows)]
 
     def text_cost(self, templates: Sequence[str], rows: Sequence[int] | None = None) -> int:
         """What :meth:`logits_text` would cost now, in the meter's unit (answers already paid are free)."""
         rows = range(len(self._images)) if rows is None else rows
         if self.capabilities.style == "scoring":
-            calls = len(self._pairs().missing(templates, rows))
+            calls = len(self.pair_scorer().missing(templates, rows))
             return calls if self.meter.unit == "vendor_calls" else len(templates)
         if self.meter.unit == "queries":
             return len(templates)
@@ -218,10 +218,11 @@ class BlackBox:
 
     def paid_rows(self, template: str) -> list[int]:
         """Scoring vendors: the image rows already paid for with ``template`` (scoring them again is free)."""
-        cache = self._pairs().cache
+        cache = self.pair_scorer().cache
         return [i for i in range(len(self._images)) if (i, template) in cache]
 
-    def _pairs(self) -> PairScorer:
+    def pair_scorer(self) -> PairScorer:
+        """Scoring vendors: what holds the (image row, template) answers this fit has paid for (its ``cache``)."""
         if self._scorer is None:
             from craft_adapter.blackbox.pair_scorer import PairScorer
 

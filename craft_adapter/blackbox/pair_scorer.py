@@ -73,6 +73,20 @@ class PairScorer:
         """The pairs a request would have to pay for, each once, in a fixed order."""
         return [(i, t) for t in dict.fromkeys(templates) for i in rows if (i, t) not in self.cache]
 
+    def _keys(self, pairs: Sequence[tuple[int, str]]) -> dict[tuple[int, str], tuple[str, str]]:
+        """The query cache's key of each pair."""
+        prompt_keys = {t: digest(t, *self.class_names) for t in dict.fromkeys(t for _, t in pairs)}
+        return {(i, t): (prompt_keys[t], self.image_keys[i]) for i, t in pairs}
+
+    def stored(self, pairs: Sequence[tuple[int, str]]) -> dict[tuple[int, str], np.ndarray] | None:
+        """The query cache's answers of ``pairs`` (paid before a resume checkpoint; put them in :attr:`cache` to
+        use them: no vendor call, nothing charged), or None if any of them is not stored."""
+        keys = self._keys(pairs)
+        found = self.store.get("score", list(keys.values()))
+        if any(k not in found for k in keys.values()):
+            return None
+        return {pair: found[k] for pair, k in keys.items()}
+
     def _keep(self, pair: tuple[int, str], scores: np.ndarray) -> None:
         with self._lock:
             self.meter.charge(vendor_calls=1, images=1)
@@ -101,8 +115,7 @@ class PairScorer:
         """Scores ``[p, len(rows), c]``; the whole request is refused if its new pairs exceed the budget."""
         todo = self.missing(templates, rows)
         self.meter.check(vendor_calls=len(todo))
-        prompt_keys = {t: digest(t, *self.class_names) for t in dict.fromkeys(templates)}
-        keys = {(i, t): (prompt_keys[t], self.image_keys[i]) for i, t in todo}
+        keys = self._keys(todo)
         stored = self.store.get("score", list(keys.values()))
         for pair, key in keys.items():
             if key in stored:

@@ -2,8 +2,9 @@
 
 Beside the adapter ``<output>`` sit ``<output>.fitrun.json`` (the manifest :mod:`.resume` reads back, written
 before the first vendor call so a killed fit can be resumed) and ``<output>.fitlog.json`` (the fit's record).
-A soft-mode fit also keeps ``<output>.ckpt.safetensors`` (:mod:`.checkpoint`) while it runs; it is removed once
-the adapter is written. No typer and no rich here: the command line draws and prints, this module only writes.
+A soft-mode fit, and a text-mode fit with a query cache, also keep ``<output>.ckpt.safetensors`` (:mod:`.checkpoint`,
+:mod:`.text_checkpoint`) while they run; it is removed once the adapter is written. No typer and no rich here: the
+command line draws and prints, this module only writes.
 """
 
 from __future__ import annotations
@@ -43,18 +44,21 @@ def prepare(output: Path | None, run: FitRun, cfg: FitConfig, cache: QueryCache 
         # resuming without a checkpoint replays from the start: every answer of this backend may be needed
         cache.limit(None if cfg.cache_max_mb is None else int(cfg.cache_max_mb * 2**20),
                     float("-inf") if resume else time.time())
-    if output is None or not cfg.checkpoint_every:
-        return None
+    text = cfg.prompt == "text"
+    if output is None or not cfg.checkpoint_every or (text and cache is None):
+        return None  # a text checkpoint names the answers paid; without a query cache nothing could restore it
     from craft_adapter.training.checkpoint import Checkpoints, checkpoint_path
+    from craft_adapter.training.text_checkpoint import TextCheckpoints
 
     identity = {"config": run.config, "backend": run.backend, "train": run.train,
                 "precision": cfg.cache_precision}
 
-    def saved(t: float) -> None:
+    def saved(t: float) -> None:  # soft mode: a resume reads no answer older than its checkpoint
         if cache is not None:
             cache.protect_since = t
 
-    return Checkpoints(checkpoint_path(output), identity, cfg.checkpoint_every, resume, saved, cfg.checkpoint_seconds)
+    kind, on_saved = (TextCheckpoints, None) if text else (Checkpoints, saved)  # text: every answer is read back
+    return kind(checkpoint_path(output), identity, cfg.checkpoint_every, resume, on_saved, cfg.checkpoint_seconds)
 
 
 def finish(output: Path, outcome: FitOutcome, run: FitRun) -> None:

@@ -22,9 +22,9 @@ import torch
 
 from craft_adapter.artifact.adapter_file import Adapter, refiner_input
 from craft_adapter.blackbox.box import BlackBox
-from craft_adapter.training.checkpoint import Checkpoints, restore
+from craft_adapter.training.checkpoint import Checkpoints
 from craft_adapter.training.config import FitConfig
-from craft_adapter.training.prompt_modules import SoftModule, make_prompt_module
+from craft_adapter.training.prompt_modules import make_prompt_module
 from craft_adapter.training.refiner import Refiner, population_fitness, train_epoch
 from craft_adapter.training.threads import one_thread
 
@@ -65,7 +65,8 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
         checkpoints: Checkpoints | None = None) -> FitResult:
     """Fit a CraFT adapter against the black box; ``holdout`` shares ``train``'s meter.
 
-    With ``checkpoints``, a soft-mode fit continues from its last checkpoint and keeps writing them.
+    With ``checkpoints`` (soft, or text against a scoring vendor), a fit continues from its last checkpoint and
+    keeps writing them.
     """
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -93,10 +94,10 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
     best: tuple[float, object, dict] | None = None
     history: list[dict] = []
     cur, gen, checked = None, 0, True
-    ckpt = checkpoints if isinstance(module, SoftModule) else None  # text and fixed prompts resume by replay
+    # soft and text (scoring vendors) checkpoints; fixed prompts and text through embeddings resume by replay
+    ckpt = checkpoints if checkpoints is not None and checkpoints.takes(module) else None
     if ckpt is not None:
-        restored = restore(ckpt, module.search, refiner, opt, shuffle, meter, (train, holdout if use_holdout
-                                                                                  else None))
+        restored = ckpt.restore(module, refiner, opt, shuffle, meter, (train, holdout if use_holdout else None))
         if restored is not None:
             gen, cur, best, history, checked = restored
     try:
@@ -136,7 +137,7 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
                                        h_acc, cur, refiner, meter.summary()))
             if ckpt is not None:
                 ckpt.generation_done(gen, fitness.numpy(), meter, refiner, opt, shuffle, cur, best, history, checked,
-                                     module.search.es)
+                                     module)
     except BaseException:  # Ctrl-C, a vendor stop, a cache failure: keep the last completed generation
         if ckpt is not None:
             with contextlib.suppress(OSError):

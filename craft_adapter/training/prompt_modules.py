@@ -13,7 +13,7 @@ import numpy as np
 from craft_adapter.blackbox.box import BlackBox
 from craft_adapter.training.config import FitConfig
 from craft_adapter.training.soft_prompt import SoftPromptSearch
-from craft_adapter.training.text_prompt import TextPromptSearch, word_vocabulary
+from craft_adapter.training.text_prompt import TextPromptSearch, to_template, to_words, word_vocabulary
 
 
 @dataclass
@@ -161,6 +161,24 @@ class TextModule:
     def tell(self, cands: list, fitness: np.ndarray) -> int:
         """Select the elites; index of the best candidate."""
         return self.search.tell(cands, fitness)
+
+    def state(self) -> dict[str, Any]:
+        """What decides the search from here, as JSON: the elites and both random generators' states (ints)."""
+        return {"elites": list(self.search.elites), "search_rng": self.search.rng.bit_generator.state,
+                "rows_rng": self.rng.bit_generator.state}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state`; ValueError when it is not one this search could have reached."""
+        elites = state["elites"]
+        if not (isinstance(elites, list) and 1 <= len(elites) <= self.cfg.text_elites
+                and all(isinstance(e, str) and to_template(to_words(e)) == e for e in elites)):
+            raise ValueError("the elites are not templates of this search")
+        try:
+            self.search.rng.bit_generator.state = state["search_rng"]
+            self.rng.bit_generator.state = state["rows_rng"]
+        except (TypeError, KeyError, OverflowError) as e:
+            raise ValueError(f"a random generator's state is malformed ({e})") from None
+        self.search.elites = list(elites)
 
 
 def make_prompt_module(box: BlackBox, cfg: FitConfig, labels: np.ndarray) -> SoftModule | FixedModule | TextModule:
