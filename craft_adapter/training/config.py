@@ -103,9 +103,9 @@ class FitConfig:
                                       "pass.", "operational")
     checkpoint_every: int = setting(10, "Soft mode: write a resume checkpoint beside the output every this many "
                                     "generations (and on Ctrl-C or a vendor stop); 0: never.", "operational")
-    checkpoint_seconds: float = setting(30.0, "Soft mode: also write one after any generation that ends this many "
-                                        "seconds after the last write, so a kill loses about this much work at most "
-                                        "on slow (many-class) fits; 0: by generations only.", "operational")
+    checkpoint_seconds: float = setting(5.0, "Soft mode: also write one after any generation that ends this many "
+                                        "seconds after the last write, so a kill loses about this much work (or one "
+                                        "slow generation) at most; 0: by generations only.", "operational")
     cache_precision: Literal["float32", "float16"] = setting(
         "float32", "Soft mode: precision of the context answers kept in the query cache and used by the fit; "
         "float16 halves the cache but changes the adapter (measured: benchmarks/results/scale.json).")
