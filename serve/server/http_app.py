@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from craft_adapter.serve.server.access import AccessMiddleware
 from craft_adapter.serve.server.adapter_routes import AdapterEndpoints, MultiOptions, multi_info, read_images
 from craft_adapter.serve.server.adapter_store import AdapterStore, poll_forever
 from craft_adapter.serve.server.connections import GuardedH11Protocol, InFlightLimit, return_big_frees
+from craft_adapter.serve.server.failures import Handler, error_response, guarded, http_error
 from craft_adapter.serve.server.heap import settle_heap
 from craft_adapter.serve.server.inputs import ApiError, classify_options
 from craft_adapter.serve.server.logs import SERVER_LOGGER, setup_logging
@@ -62,46 +63,11 @@ from craft_adapter.serve.server.service import (
     top_answer,
 )
 from craft_adapter.serve.server.settings import ServerConfig
-from craft_adapter.serve.server.vendor_pool import VendorFailure, ZeroShotVendorClient
+from craft_adapter.serve.server.vendor_pool import ZeroShotVendorClient
 from craft_adapter.serve.shipped import ShippedAdapter
 from craft_adapter.vendors.credentials import Secret, redact_url
 
-Handler = Callable[[Request], Awaitable[Response]]
 READY_CACHE_S = 2.0
-
-
-def error_response(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    """The JSON error body every failure uses (``error`` is what Hugging Face clients show)."""
-    return JSONResponse({"error": message, "type": type_}, status_code=status, headers=headers)
-
-
-def _guarded(handler: Handler, metrics: ServerMetrics) -> Handler:
-    async def guarded(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except Exception as e:  # noqa: BLE001 (every failure gets the JSON error; a bug is also logged)
-            try:
-                return _failure_response(request, e, metrics)
-            finally:
-                # a failure can close a reference cycle with the frames it came through, which hold the request's
-                # body: through a future or task that keeps it (anyio's worker threads, asyncio's task groups), or
-                # through the failure it replaced; cut here, the body is freed now, not at a later collection
-                e.__traceback__ = e.__context__ = e.__cause__ = None
-    return guarded
-
-
-def _failure_response(request: Request, e: Exception, metrics: ServerMetrics) -> Response:
-    if isinstance(e, ApiError):
-        request.state.error_type = e.type
-        return error_response(e.status, e.type, e.message, e.headers)
-    if isinstance(e, VendorFailure):
-        request.state.error_type = e.type
-        metrics.vendor_errors.inc(e.type)
-        headers = {"Retry-After": str(max(1, round(e.retry_after)))} if e.retry_after is not None else None
-        return error_response(e.status, e.type, e.message, headers)
-    request.state.error_type = "internal"  # a bug, not the client's fault: log it (scrubbed), say nothing internal
-    logging.getLogger(SERVER_LOGGER).error("unhandled error", exc_info=e)
-    return error_response(500, "internal", "internal server error; see the server log")
 
 
 class _Endpoints:
@@ -204,13 +170,6 @@ class _Endpoints:
         return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
-    status = getattr(exc, "status_code", 500)
-    type_ = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
-    return error_response(status, type_, f"{request.method} {request.url.path}: {getattr(exc, 'detail', '')}; "
-                          "see GET /v1/info for the endpoints", getattr(exc, "headers", None))
-
-
 def create_app(config: ServerConfig, key: Secret | None = None, adapters: str | Path | None = None,
                options: MultiOptions | None = None, store: AdapterStore | None = None) -> Starlette:
     """The ASGI app for ``config.adapter``, or, given ``adapters`` (a folder or registry file), for all of them.
@@ -278,7 +237,7 @@ def create_app(config: ServerConfig, key: Secret | None = None, adapters: str | 
     e = endpoints
 
     def route(path: str, handler: Handler, method: str) -> Route:
-        return Route(path, _guarded(handler, metrics), methods=[method])
+        return Route(path, guarded(handler, metrics), methods=[method])
 
     if store is None:
         served = [route("/v1/classify", e.classify, "POST"), route("/v1/classify/batch", e.classify_batch, "POST"),
@@ -289,7 +248,7 @@ def create_app(config: ServerConfig, key: Secret | None = None, adapters: str | 
     routes = [*served, route("/", e.info, "GET"), route("/v1/info", e.info, "GET"),
               route("/healthz", e.healthz, "GET"), route("/readyz", e.readyz, "GET"),
               route("/metrics", e.metrics_text, "GET")]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.add_middleware(InFlightLimit, limit=config.max_requests_in_flight)  # inside the log: refusals are counted
     app.add_middleware(AccessMiddleware, metrics=metrics, access_log=config.access_log)
     app.state.config, app.state.metrics, app.state.store = config, metrics, store

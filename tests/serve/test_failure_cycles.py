@@ -12,7 +12,7 @@ from gc_cycles import held_only_by_cycles, no_collections  # noqa: F401 (an auto
 from starlette.requests import Request
 
 # isort: split
-from craft_adapter.serve.server.http_app import _guarded
+from craft_adapter.serve.server.failures import guarded
 from craft_adapter.serve.server.inputs import ApiError
 from craft_adapter.serve.server.metrics import ServerMetrics
 
@@ -41,7 +41,7 @@ def test_no_cycle_keeps_a_body_refused_in_a_worker_thread() -> None:
 
     async def go() -> int:
         request = Request({"type": "http", "method": "POST", "path": "/", "headers": [], "query_string": b""})
-        response = await _guarded(handler, ServerMetrics())(request)
+        response = await guarded(handler, ServerMetrics())(request)
         await anyio.to_thread.run_sync(int)  # the worker thread's next job: it lets go of the refused one's future
         return response.status_code
 
