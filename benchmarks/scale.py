@@ -75,14 +75,18 @@ def answer_bytes(cache: Path) -> tuple[int, int]:
     return int(n), int(size)
 
 
-def kill_point(log: dict) -> int:
-    """The ledger count (calls started) at which the fit passes 90% of its budget: a soft fit's budget is in
-    queries (a generation is one call of ``popsize`` queries), so the kill lands on the call of the generation
-    that crosses it; a text fit's is in calls."""
+def kill_point(log: dict, calls: int) -> tuple[int, int]:
+    """(ledger count, generation): where the fit passes 90% of its budget, ``calls`` the uninterrupted fit's ledger.
+
+    A text fit's budget is in calls, one ledger byte each. A soft fit's is in queries: its ledger holds the image
+    calls, then one backend call a generation (hold-out checks reuse that generation's answer), so the kill lands
+    as the call of the generation that crosses 90% starts."""
     if log["meter"]["unit"] == "vendor_calls":
-        return int(np.ceil(0.9 * log["meter"]["vendor_calls"]))
+        at = int(np.ceil(0.9 * calls))
+        return at, next(h["generation"] for h in log["history"] if h["vendor_calls"] >= at)
     target = 0.9 * log["meter"]["budget"]
-    return next(h["vendor_calls"] for h in log["history"] if h["queries"] >= target)
+    gen = next(h["generation"] for h in log["history"] if h["queries"] >= target)
+    return calls - len(log["history"]) + gen, gen
 
 
 def start_vendor() -> tuple[subprocess.Popen, str]:
@@ -122,10 +126,11 @@ def one(n_classes: int, budget: int, work: Path, resume: str, extra: list[str], 
         cut = work / f"c{n_classes}-kill"
         cut.mkdir()
         kout = cut / "adapter.safetensors"
-        row["kill_at_calls"], row["calls"] = kill_point(log), (base / "ledger").stat().st_size
+        row["calls"] = (base / "ledger").stat().st_size
+        row["kill_at_calls"], row["kill_in_generation"] = kill_point(log, row["calls"])
         run(fit[:1] + ["-o", str(kout)] + fit[3:], cut / "ledger", cut / "fit.log", kill_at=row["kill_at_calls"])
-        ways = [("replay" if vendor else "checkpoint", cut, [])]  # text mode resumes by replay only
-        if resume == "both" and not vendor:
+        ways = [("checkpoint", cut, [])]
+        if resume == "both":
             replay = work / f"c{n_classes}-replay"
             shutil.copytree(cut, replay)
             ways.append(("replay", replay, ["--checkpoint-every", "0"]))

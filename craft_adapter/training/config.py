@@ -101,11 +101,13 @@ class FitConfig:
                                       "a few candidates (and images) at a time within it, and the in-process model "
                                       "encodes as many texts or images at once as fit in it; same adapter as one "
                                       "pass.", "operational")
-    checkpoint_every: int = setting(10, "Soft mode: write a resume checkpoint beside the output every this many "
-                                    "generations (and on Ctrl-C or a vendor stop); 0: never.", "operational")
-    checkpoint_seconds: float = setting(5.0, "Soft mode: also write one after any generation that ends this many "
-                                        "seconds after the last write, so a kill loses about this much work (or one "
-                                        "slow generation) at most; 0: by generations only.", "operational")
+    checkpoint_every: int = setting(10, "Write a resume checkpoint beside the output every this many generations "
+                                    "(and on Ctrl-C or a vendor stop): soft mode, and text mode against a scoring "
+                                    "vendor when a query cache is kept; 0: never (a resume replays from the cache).",
+                                    "operational")
+    checkpoint_seconds: float = setting(5.0, "Also write one after any generation that ends this many seconds after "
+                                        "the last write, so a kill loses about this much work (or one slow "
+                                        "generation) at most; 0: by generations only.", "operational")
     cache_precision: Literal["float32", "float16"] = setting(
         "float32", "Soft mode: precision of the context answers kept in the query cache and used by the fit; "
         "float16 halves the cache but changes the adapter (measured: benchmarks/results/scale.json).")
