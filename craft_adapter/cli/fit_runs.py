@@ -39,6 +39,8 @@ class FitProgress:
     def show(self, s: FitState) -> None:
         """Draw one generation."""
         if self.task is None:
+            if s.generation > 1:  # the fit came back from its resume checkpoint
+                err.print(f"continuing from the resume checkpoint after generation {s.generation - 1}")
             self.bar.start()
             self.task = self.bar.add_task("fit", total=self.cfg.resolved_budget, info="")
         m = s.meter

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import cma
+import warnings
+
 import numpy as np
+
+with warnings.catch_warnings():  # cma warns on import that it cannot plot without matplotlib; a fit never plots
+    warnings.filterwarnings("ignore", message="Could not import matplotlib", category=UserWarning)
+    import cma
 
 from craft_adapter.training.config import FitConfig
 

@@ -198,3 +198,18 @@ def test_inspect_shows_an_embedding_head(tmp_path) -> None:
     assert r.exit_code == 0 and "3 x 16 on the image embedding" in r.output and "(the identity)" in r.output
     r = CliRunner().invoke(app, ["inspect", str(plain.save(tmp_path / "p.safetensors"))], terminal_width=300)
     assert r.exit_code == 0 and "embedding head" not in r.output and "identity" not in r.output
+
+
+@pytest.mark.parametrize("first", [1, 7])
+def test_the_progress_bar_says_when_a_fit_continues_from_its_checkpoint(first: int) -> None:
+    from craft_adapter.cli.fit_runs import FitProgress
+    from craft_adapter.cli.shared import err
+    from craft_adapter.training.config import FitConfig
+    from craft_adapter.training.loop import FitState
+
+    meter = {"unit": "queries", "queries": 40 * first, "vendor_calls": first, "paid_calls": first, "cached_calls": 0,
+             "failed_calls": 0}
+    with err.capture() as captured, FitProgress(FitConfig()) as show:
+        show(FitState(first, 40 * first, first, 8000, 1.0, 0.5, None, meter=meter))
+    said = "continuing from the resume checkpoint after generation 6" in captured.get()
+    assert said == (first == 7)
