@@ -102,7 +102,11 @@ def test_a_persistent_fault_stops_cleanly_and_resume_pays_only_the_rest(tmp_path
     r = CliRunner().invoke(app, ["fit", "-o", str(out), "--resume"])  # everything else comes from the manifest
     assert r.exit_code == 0, r.output
     assert out.read_bytes() == clean.read_bytes()
-    assert stub.calls["ok"] == total - 60 and fitlog(out)["meter"]["cached_calls"] == 60 and fitlog(out)["resumed"]
+    assert stub.calls["ok"] == total - 60 and fitlog(out)["resumed"]  # only the rest was paid for
+    # the 60 answers came back from the cache: by replay, each one counted; or, for the generations the resume
+    # checkpoint (written at the stop) holds, read back with it, uncounted (the meter is the checkpoint's)
+    cached = fitlog(out)["meter"]["cached_calls"]
+    assert cached < 60 if "continuing from the resume checkpoint" in r.output else cached == 60, (cached, r.output)
 
 
 def test_resume_refuses_what_it_cannot_continue(tmp_path, stub, data) -> None:
