@@ -155,10 +155,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--serve-openai", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--budgets", type=int, nargs="+", default=[2000, 5000, 20000])
+    ap.add_argument("--budgets", type=int, nargs="*", default=[2000, 5000, 20000])
     ap.add_argument("--seed1-budgets", type=int, nargs="*", default=[], help="budgets run with seed 1 only")
     ap.add_argument("--hf-budgets", type=int, nargs="*", default=[], help="HF route only, every seed")
     ap.add_argument("--hf-seed1-budgets", type=int, nargs="*", default=[], help="HF route only, seed 1")
+    ap.add_argument("--embedding-budgets", type=int, nargs="*", default=[], help="embedding route only, every seed")
     ap.add_argument("--test-n", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=RESULTS / "protocol_accuracy.json")
     ap.add_argument("--device", default="cpu", help="where the vendors run their model (cpu or cuda)")
@@ -179,7 +180,9 @@ def main() -> None:
     plan = sorted({(p, seed, b) for b in args.budgets for seed in args.seeds for p in both}
                   | {(p, 1, b) for b in args.seed1_budgets for p in both}
                   | {(p, seed, b) for b in args.hf_budgets for seed in args.seeds for p in hf}
-                  | {(p, 1, b) for b in args.hf_seed1_budgets for p in hf}, key=lambda r: (r[1], r[2], r[0]))
+                  | {(p, 1, b) for b in args.hf_seed1_budgets for p in hf}
+                  | {("openai-embeddings", seed, b) for b in args.embedding_budgets for seed in args.seeds},
+                  key=lambda r: (r[1], r[2], r[0]))
     # seed by seed, so that what is written after each run (the file is rewritten every time) is a whole grid row
     try:
         test = TestSubset(args.test_n)
@@ -213,7 +216,7 @@ def merge(args: argparse.Namespace) -> None:
     for part in parts:
         for name in ROUTES:
             runs[name] += part["runs"][name]
-        plan += [(r["route"], r["seed"], r["budget"]) for r in part["plan"]]
+        plan += [(ROUTES[name], r["seed"], r["budget"]) for name in ROUTES for r in part["runs"][name]]  # what ran
     zs = {p: a / 100 for p, a in parts[0]["table"]["zero-shot (hand template, no fit)"].items()}
     args.test_n = int(parts[0]["test_images"].split()[0])
     result = report(runs, zs, sorted(set(plan), key=lambda r: (r[1], r[2], r[0])), args,

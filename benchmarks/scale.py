@@ -83,7 +83,7 @@ def kill_point(log: dict, calls: int) -> tuple[int, int]:
     as the call of the generation that crosses 90% starts."""
     if log["meter"]["unit"] == "vendor_calls":
         at = int(np.ceil(0.9 * calls))
-        return at, next(h["generation"] for h in log["history"] if h["vendor_calls"] >= at)
+        return at, next((h["generation"] for h in log["history"] if h["vendor_calls"] >= at), len(log["history"]))
     target = 0.9 * log["meter"]["budget"]
     gen = next(h["generation"] for h in log["history"] if h["queries"] >= target)
     return calls - len(log["history"]) + gen, gen
