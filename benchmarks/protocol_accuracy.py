@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -173,6 +174,7 @@ def main() -> None:
         merge(args)
         return
     use_passive_omp_wait()  # before torch loads
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops the vendor processes too (finally)
     t0 = time.time()
     procs = {kind: start(kind, args.device) for kind in ("hf", "openai")}
     urls = {"hf-zero-shot": procs["hf"][1], "openai-embeddings": procs["openai"][1]}

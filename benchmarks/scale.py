@@ -247,6 +247,7 @@ def main() -> None:
         rows = [r for run in runs for r in run["rows"]]
         return report(rows, {"command": command, "merged": [run["command"] for run in runs]}, args.out)
     work = Path(tempfile.mkdtemp(prefix="scale-"))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops the vendor process too (finally)
     vendor = start_vendor() if args.prompt == "text" else None
     rows = []
     try:
