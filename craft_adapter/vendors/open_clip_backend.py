@@ -136,7 +136,11 @@ class OpenClipBackend:
     @property
     def text_chunk(self) -> int:
         """Text sequences encoded at once: as many as the memory budget holds, at most 4,096."""
-        return min(MAX_TEXT_CHUNK, self._fits(self._model.context_length, self._model.transformer.width))
+        tokens = getattr(self._model, "context_length", None)
+        width = getattr(getattr(self._model, "transformer", None), "width", None)
+        if not isinstance(tokens, int) or not isinstance(width, int):  # a non-native text tower: no estimate
+            return MAX_TEXT_CHUNK
+        return min(MAX_TEXT_CHUNK, self._fits(tokens, width))
 
     @property
     def image_chunk(self) -> int:

@@ -64,6 +64,18 @@ def test_a_small_memory_budget_encodes_in_smaller_chunks_with_the_same_embedding
     np.testing.assert_allclose(small.embed_images(imgs), backend.embed_images(imgs), atol=1e-5)
 
 
+def test_a_model_without_the_native_towers_keeps_the_fixed_chunks(tiny_model_dir):
+    other = OpenClipBackend(f"local-dir:{tiny_model_dir}", device="cpu", memory_mb=0.1)
+
+    class HfTextTower:  # what open_clip's CustomTextCLIP exposes: encode_text, but no transformer or context_length
+        def __init__(self, model):
+            self.encode_text, self.visual = model.encode_text, object()
+
+    other._model = HfTextTower(other._model)
+    assert other.text_chunk == 4096 and other.image_chunk == other.batch_size == 256
+    assert other.embed_texts(["a photo of a bag."]).shape == (1, 32)
+
+
 def test_images_use_the_models_own_preprocessing(backend):
     imgs = random_images(3)
     emb = backend.embed_images(imgs)
