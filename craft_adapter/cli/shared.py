@@ -19,6 +19,7 @@ from rich.markup import escape
 from craft_adapter.reference.task import REFERENCE_VENDOR_DIR
 from craft_adapter.training.api import use_passive_omp_wait
 from craft_adapter.training.image_sets import DataError, LabeledImages, load_image_folder
+from craft_adapter.vendors.protocols import MEMORY_BUDGET_MB
 
 if TYPE_CHECKING:
     from craft_adapter.vendors.open_clip_backend import OpenClipBackend
@@ -62,15 +63,14 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def load_backend(model: str, weights: Path | None, device: str, memory_mb: float | None = None) -> OpenClipBackend:
+def load_backend(model: str, weights: Path | None, device: str,
+                 memory_mb: float = MEMORY_BUDGET_MB) -> OpenClipBackend:
     """Build the in-process open_clip backend, turning setup mistakes into clean CLI errors."""
     use_passive_omp_wait()  # before torch loads
     from craft_adapter.vendors.open_clip_backend import BackendError, OpenClipBackend
 
     try:
         with err.status(f"loading {model}"):
-            if memory_mb is None:
-                return OpenClipBackend(model, weights, device=device)
             return OpenClipBackend(model, weights, device=device, memory_mb=memory_mb)
     except BackendError as e:
         raise fail(str(e)) from None
