@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +53,20 @@ def random_images(n: int, seed: int = 0, size: int = 28) -> list[Image.Image]:
     """``n`` random greyscale images."""
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), mode="L") for _ in range(n)]
+
+
+@contextlib.contextmanager
+def local_vendor(model_dir: Path) -> Iterator[str]:
+    """The local zero-shot vendor (``craft-adapter vendor``'s server) for the model in ``model_dir``, in a thread on
+    loopback: its URL, until the block ends."""
+    from craft_adapter.reference.local_vendor import make_vendor_server, serve_in_thread
+    from craft_adapter.vendors.open_clip_backend import OpenClipBackend
+
+    server = make_vendor_server(OpenClipBackend(f"local-dir:{model_dir}", device="cpu"))
+    thread = serve_in_thread(server)
+    try:
+        yield server.url
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -12,16 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import local_vendor
 from huggingface_hub import InferenceClient
 
 from craft_adapter.blackbox.box import BlackBox
 from craft_adapter.blackbox.meter import QueryMeter
-from craft_adapter.reference.local_vendor import make_vendor_server, serve_in_thread
 from craft_adapter.reference.task import reference_task
 from craft_adapter.training.api import fit_adapter
 from craft_adapter.training.config import FitConfig
 from craft_adapter.training.evaluate import accuracy, adapted_scores
-from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
 # isort: split
 from craft_adapter.export import export_onnx
@@ -40,12 +39,8 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def vendor_url(reference_vendor_dir):
-    server = make_vendor_server(OpenClipBackend(f"local-dir:{reference_vendor_dir}", device="cpu"))
-    thread = serve_in_thread(server)
-    yield server.url
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    with local_vendor(reference_vendor_dir) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

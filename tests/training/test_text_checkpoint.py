@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import random_images
+from conftest import local_vendor, random_images
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from test_scale import Stop, _stop_at  # a fit stopped from its progress callback, as Ctrl-C would
@@ -30,15 +30,8 @@ TEXT = {"prompt": "text", "shots": 4, "budget": 240, "holdout_shots": 1, "eval_e
 
 @pytest.fixture(scope="module")
 def vendor(tiny_model_dir: Path) -> Iterator[str]:
-    from craft_adapter.reference.local_vendor import make_vendor_server, serve_in_thread
-    from craft_adapter.vendors.open_clip_backend import OpenClipBackend
-
-    server = make_vendor_server(OpenClipBackend(f"local-dir:{tiny_model_dir}", device="cpu"))
-    thread = serve_in_thread(server)
-    yield server.url
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+    with local_vendor(tiny_model_dir) as url:
+        yield url
 
 
 DATA = LabeledImages(random_images(15, seed=5), np.repeat(np.arange(3), 5), ["coat", "bag", "sandal"])
