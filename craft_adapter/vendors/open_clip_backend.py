@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 MAX_TEXT_CHUNK = 4096  # sequences encoded at once, at most, whatever the memory budget
 # Bytes one input holds at the peak of a no-grad transformer pass, in units of one float32 residual stream
-# (tokens x width x 4): measured 13 to 17 on CPU (ViT-B-16 text 13.4, images 12.6; the reference vendor's text 17;
-# benchmarks/results/scale.json). 16 keeps a chunk near the budget without a probe pass.
+# (tokens x width x 4): measured 13 to 17 on CPU (ViT-B-16 text 13.4 and images 12.6, one 4,000-sequence and one
+# 256-image pass in benchmarks/results/scale_vit_b16_chunk.json; the reference vendor's text 17, from the same probe
+# in the scale.json of commit 56eccdd). 16 keeps a chunk near the budget without a probe pass.
 ACTIVATION_STREAMS = 16
 
 
