@@ -167,13 +167,13 @@ class BlackBox:
                 self._image_emb = self._answers("image", keys, embed, (None,))  # [n, d]
         return self._image_emb
 
-    def _cosine_logits(self, text_emb: np.ndarray) -> np.ndarray:
-        # text_emb: [p, c, d] -> logits [p, n, c]
-        return self.logit_scale * self._cosines(text_emb)
+    def _cosine_logits(self, text_emb: np.ndarray, rows: Sequence[int] | None = None) -> np.ndarray:
+        # text_emb: [p, c, d] -> logits [p, n, c], or [p, m, c] on image ``rows``
+        return self.logit_scale * self._cosines(text_emb, rows)
 
-    def _cosines(self, text_emb: np.ndarray) -> np.ndarray:
+    def _cosines(self, text_emb: np.ndarray, rows: Sequence[int] | None = None) -> np.ndarray:
         img = self._images_embedded()
-        return np.einsum("nd,pcd->pnc", img, text_emb, optimize=True)
+        return np.einsum("nd,pcd->pnc", img if rows is None else img[list(rows)], text_emb, optimize=True)
 
     def _text_embeddings(self, templates: Sequence[str]) -> np.ndarray:
         """Class-text embeddings ``[p, c, d]`` of ``templates``, charged (image embeddings are fetched first)."""
@@ -251,9 +251,10 @@ class BlackBox:
         return self._answers("soft", keys, lambda todo: backend.embed_soft(ctx[todo], self.class_names),
                              (len(self.class_names), None))  # [p, c, d]
 
-    def cosine_logits(self, text_emb: np.ndarray) -> np.ndarray:
-        """Scores ``[p, n, c]`` on every image of class-text embeddings ``text_emb [p, c, d]`` (no vendor call)."""
-        return self._cosine_logits(text_emb)
+    def cosine_logits(self, text_emb: np.ndarray, rows: Sequence[int] | None = None) -> np.ndarray:
+        """Scores ``[p, m, c]`` on image ``rows`` (default every image) of class-text embeddings ``text_emb [p, c, d]``
+        (no vendor call; only those rows' products are made)."""
+        return self._cosine_logits(text_emb, rows)
 
     def image_embeddings(self) -> np.ndarray:
         """The image embeddings ``[n, d]`` this box scores with, in image order (fetched and charged first if not

@@ -22,6 +22,9 @@ from craft_adapter.vendors.protocols import MEMORY_BUDGET_MB
 
 DEFAULT_BUDGETS = {1: 2000, 2: 4000, 4: 4000, 8: 8000, 16: 8000}
 TEXT_DEFAULT_BUDGET = 20_000  # vendor calls
+# At C classes a capped generation costs about popsize x FITNESS_ROWS x C x (width + 4 x hidden) multiply-adds of
+# the fit's own (logits, refiner, fitness): at 1,000 classes about as long as the vendor's C x popsize texts take.
+FITNESS_ROWS = 2048
 GROUPS = ("decisive", "operational")
 
 
@@ -123,6 +126,12 @@ class FitConfig:
     cma_diagonal: bool = setting(True, "Soft mode: separable CMA-ES (a diagonal covariance), linear rather than "
                                  "quadratic in the search dimension and as accurate over the task suite; off: "
                                  "full covariance, as the paper.")
+    # issue 17 (time per generation): scoring every image against every class is O(C^2) a generation; the cap makes
+    # it O(FITNESS_ROWS * C), like the vendor's share. The default bites only above 170 classes at 16 shots.
+    fitness_rows: int = setting(FITNESS_ROWS, "Soft mode: at most this many training images scored (and trained "
+                                "on by the refiner) per generation, a class-balanced sample drawn afresh each "
+                                "generation, so a generation's own work grows with the classes, not classes x "
+                                "images; fits with fewer images are unchanged; 0: every image.")
 
     def __post_init__(self) -> None:
         checks = [
@@ -150,6 +159,7 @@ class FitConfig:
             (self.memory_budget_mb > 0 and self.checkpoint_every >= 0,
              "memory_budget_mb must be positive and checkpoint_every non-negative"),
             (self.checkpoint_seconds >= 0, "checkpoint_seconds must be non-negative"),
+            (self.fitness_rows >= 0, "fitness_rows must be non-negative (0: every image)"),
             (self.cache_precision in ("float32", "float16"), "cache_precision must be 'float32' or 'float16'"),
             (self.cache_max_mb is None or self.cache_max_mb > 0, "cache_max_mb must be positive"),
             (self.train_prompt or self.train_refiner, "nothing to train: enable the prompt or the refiner"),
@@ -223,8 +233,11 @@ class FitConfig:
 
 
 # Decisive settings newer than the first shipped adapters, with the value that means "as before": recorded in
-# the fit summary only when set otherwise (cache_precision: float16 answers change the adapter).
-NEW_SETTING_DEFAULTS: dict[str, Any] = {"cache_precision": "float32", "embedding_head": False, "cma_diagonal": False}
+# the fit summary only when set otherwise (cache_precision: float16 answers change the adapter). fitness_rows: the
+# default cap reproduces every earlier fit of at most FITNESS_ROWS training images (all the ones measured), so it
+# is the one left out; a fit of more, started before the cap existed, resumes capped.
+NEW_SETTING_DEFAULTS: dict[str, Any] = {"cache_precision": "float32", "embedding_head": False, "cma_diagonal": False,
+                                        "fitness_rows": FITNESS_ROWS}
 
 
 def operational_settings() -> frozenset[str]:

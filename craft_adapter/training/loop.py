@@ -1,7 +1,8 @@
 """CraFT's collaborative fit: the prompt module and the refiner take turns until the budget is spent.
 
 Each generation the prompt module (soft context by CMA-ES, or text templates by word edits) proposes
-candidates, which are scored on the few-shot set (text mode: on a minibatch) with fitness
+candidates, which are scored on the few-shot set (text mode: on a minibatch; soft mode: on a class-balanced
+sample when the set has more than ``fitness_rows`` images) with fitness
 ``CE(logits) + w * KL(refined || logits)``; then the refiner trains one epoch on the best candidate's logits
 with ``CE(refined) + w * KL(logits || refined)``, w dropping to 0 after ``budget // kl_decay_n``. Every
 ``eval_every`` generations the current prompt and refiner are scored on held-out shots and the best pair is

@@ -34,40 +34,65 @@ class Scores:
         return cls(raw.shape, lambda i, j: raw[i:j])
 
 
+# issue 17 (time per generation): without a cap every generation scores all C x shots images against C classes for
+# every candidate and trains the refiner on all of them, O(C^2) per generation while the vendor's share is O(C)
+ROWS_SALT = 1717  # keeps the soft rows' random stream apart from the fit's other seeded streams
+
+
+def balanced_rows(by_class: list[np.ndarray], cap: int, rng: np.random.Generator) -> list[int]:
+    """At most ``cap`` sorted rows, class-balanced: each class ``cap // C`` or one more (a random subset of classes
+    gets the one more; when ``cap < C``, a random subset of ``cap`` classes gets one row each). A class with fewer
+    rows than its share gives all it has."""
+    classes = [c for c, r in enumerate(by_class) if len(r)]
+    share = np.full(len(classes), cap // len(classes))
+    share[rng.choice(len(classes), size=cap % len(classes), replace=False)] += 1
+    picks = [rng.choice(by_class[c], size=min(int(k), len(by_class[c])), replace=False)
+             for c, k in zip(classes, share, strict=True)]
+    return sorted(int(i) for i in np.concatenate(picks))
+
+
 def half_precision(emb: np.ndarray) -> np.ndarray:
     """``emb`` rounded to float16 and back: what a float16 query cache gives back, used for fresh answers too."""
     return emb.astype(np.float16).astype(np.float32)
 
 
 class SoftModule:
-    """Context vectors ``p0 + A z``; one generation is ``popsize`` queries on the whole few-shot set."""
+    """Context vectors ``p0 + A z``; one generation is ``popsize`` queries, scored on the few-shot set or, when it
+    has more than ``fitness_rows`` images, on a class-balanced sample of that many (see :func:`balanced_rows`)."""
 
     max_generations: int | None = None
 
-    def __init__(self, box: BlackBox, cfg: FitConfig) -> None:
+    def __init__(self, box: BlackBox, cfg: FitConfig, labels: np.ndarray) -> None:
         self.search = SoftPromptSearch(box.soft_prompt_init(cfg.init_prompt), cfg)
         self._z: np.ndarray | None = None
         self.half = cfg.cache_precision == "float16"
+        self.seed, self.cap = cfg.seed, cfg.fitness_rows
+        self.by_class = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)] if len(labels) else []
 
     def propose(self) -> list[np.ndarray]:
         """A CMA-ES generation of contexts ``[n_ctx, width]``."""
         self._z = self.search.ask()
         return list(self.search.context(self._z))
 
-    def rows(self, used: int, budget: int) -> None:
-        """Every image, every generation."""
-        return None
+    def rows(self, used: int, budget: int) -> list[int] | None:
+        """Every image (``None``) up to ``fitness_rows`` of them; above, a class-balanced sample drawn from the seed
+        and the queries used so far, so a resumed fit draws the same rows with no state kept for them."""
+        if not self.cap or sum(len(r) for r in self.by_class) <= self.cap:
+            return None
+        return balanced_rows(self.by_class, self.cap, np.random.default_rng([self.seed % 2**64, used, ROWS_SALT]))
 
     def cost(self, box: BlackBox, cands: list, rows: Any) -> int:
-        """One query per candidate."""
+        """One query per candidate, whatever the rows (the vendor embeds class texts; images are already paid)."""
         return len(cands)
 
     def score(self, box: BlackBox, cands: list, rows: Any) -> Scores:
-        """Raw scores ``[p, n, c]``, paid now in one call, made on demand a few candidates at a time."""
+        """Raw scores ``[p, m, c]`` on ``rows`` (``None``: every image), paid now in one call, made on demand a few
+        candidates at a time from the rows' image embeddings only (never ``[p, n, c]``)."""
         emb = box.soft_embeddings(np.stack(cands))  # [p, c, d]
         if self.half:
             emb = half_precision(emb)
-        return Scores((len(emb), box.n_images, emb.shape[1]), lambda i, j: box.cosine_logits(emb[i:j]))
+        m = box.n_images if rows is None else len(rows)
+        return Scores((len(emb), m, emb.shape[1]), lambda i, j: box.cosine_logits(emb[i:j], rows))
 
     def refiner_data(self, box: BlackBox, cand: Any, rows: Any, raw: np.ndarray) -> tuple[Any, np.ndarray]:
         """What the refiner trains on: the candidate's scores on this generation's rows."""
@@ -186,5 +211,5 @@ def make_prompt_module(box: BlackBox, cfg: FitConfig, labels: np.ndarray) -> Sof
     if not cfg.train_prompt:
         return FixedModule(box, cfg)
     if cfg.prompt == "soft":
-        return SoftModule(box, cfg)
+        return SoftModule(box, cfg, labels)
     return TextModule(box, cfg, labels)
