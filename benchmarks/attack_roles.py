@@ -90,6 +90,7 @@ async def observe_role(args: argparse.Namespace) -> dict:
     images, want = _honest_setup(args.tmp)
     parts = urlsplit(args.url)
     probes: list[float | None] = []
+    started: list[float] = []  # each probe's start, seconds into the phase
     tally: Counter[str] = Counter()
     latencies: list[float] = []
     async with httpx.AsyncClient(timeout=60) as client:
@@ -99,6 +100,7 @@ async def observe_role(args: argparse.Namespace) -> dict:
         async def prober() -> None:
             tick = time.monotonic()
             while time.monotonic() < stop_at:
+                started.append(time.monotonic() - t0)
                 probes.append(await _probe(parts.hostname, parts.port))
                 tick += PROBE_EVERY_S
                 await asyncio.sleep(max(tick - time.monotonic(), 0.0))
@@ -107,7 +109,9 @@ async def observe_role(args: argparse.Namespace) -> dict:
                                                  tally, latencies) for w in range(WELL_BEHAVED_CLIENTS)))
     ok = [p for p in probes if p is not None]
     n = sum(tally.values())
-    return {"healthz": {"probes": len(probes), "failed": len(probes) - len(ok), **_ms(ok)},
+    slowest = sorted(((p or PROBE_TIMEOUT_S, t) for p, t in zip(probes, started, strict=True)), reverse=True)[:10]
+    return {"healthz": {"probes": len(probes), "failed": len(probes) - len(ok), **_ms(ok),
+                        "slowest": [{"at_s": round(t, 2), "ms": round(p * 1000, 1)} for p, t in slowest]},
             "well_behaved": {"clients": WELL_BEHAVED_CLIENTS, "requests": n, "correct": tally["correct"],
                              "success_rate": tally["correct"] / max(n, 1), **_ms(latencies),
                              "outcomes": dict(tally)}}

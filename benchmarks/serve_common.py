@@ -100,12 +100,25 @@ def start_reference_vendor(log: Path, model: str) -> Proc:
                  "--device", "cpu"], log)
 
 
+def link_subpackages(tree: Path) -> None:
+    """Make ``tree/craft_adapter/{serve,export}`` point at the tree's own ``serve/`` and ``export/``."""
+    for name in ("serve", "export"):
+        link = tree / "craft_adapter" / name
+        if not link.exists():
+            link.symlink_to(tree / name, target_is_directory=True)
+
+
 def start_server(adapter: Path, vendor_url: str, log: Path, *flags: str, tree: Path | None = None) -> Proc:
     """``craft-adapter serve`` on a free loopback port, once it answers ``/healthz``.
 
     With ``tree``, from that source tree: ``python -m`` puts its working directory first on ``sys.path``, ahead of
-    ``PYTHONPATH``, so the server starts in ``tree`` (else the checkout's own package would be imported).
+    ``PYTHONPATH``, so the server starts in ``tree`` (else the checkout's own package would be imported). The
+    source tree keeps ``serve/`` and ``export/`` beside the package (the install maps them in), so they are linked
+    in as ``craft_adapter/serve`` and ``craft_adapter/export``: without the links, the editable install's finder
+    supplied the checkout's own ``serve/`` to every tree.
     """
+    if tree is not None:
+        link_subpackages(tree)
     proc = Proc([sys.executable, "-m", "craft_adapter.cli", "serve", str(adapter), "--vendor", vendor_url,
                  "--port", "0", *flags], log, env={"PYTHONPATH": str(tree)} if tree else None,
                 cwd=tree)  # access log on, as deployed (to the log file)
