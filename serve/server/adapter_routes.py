@@ -18,7 +18,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from anyio import to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -26,6 +25,7 @@ from craft_adapter.serve.server.adapter_store import AdapterStore, Loaded
 from craft_adapter.serve.server.image_decoding import decoded_all
 from craft_adapter.serve.server.inputs import classify_options, request_images
 from craft_adapter.serve.server.metrics import ServerMetrics
+from craft_adapter.serve.server.off_loop import off_loop
 from craft_adapter.serve.server.service import refined_zero_shot, top_answer
 from craft_adapter.serve.server.settings import ServerConfig
 from craft_adapter.vendors.credentials import redact_url
@@ -67,7 +67,7 @@ async def read_images(request: Request, config: ServerConfig, batch: bool) -> li
     """The request's images, read within the config's limits and fully decoded (big ones off the loop)."""
     raw = await request_images(request, config.max_body_bytes, config.max_batch, batch)
     request.state.images = len(raw)
-    return await decoded_all(raw, config.max_image_pixels, to_thread.run_sync)
+    return await decoded_all(raw, config.max_image_pixels, off_loop)
 
 
 class AdapterEndpoints:

@@ -48,7 +48,7 @@ from craft_adapter import __version__
 from craft_adapter.serve.server.access import AccessMiddleware
 from craft_adapter.serve.server.adapter_routes import AdapterEndpoints, MultiOptions, multi_info, read_images
 from craft_adapter.serve.server.adapter_store import AdapterStore, poll_forever
-from craft_adapter.serve.server.connections import GuardedH11Protocol, InFlightLimit, return_big_frees
+from craft_adapter.serve.server.connections import InFlightLimit, guarded_protocol, return_big_frees
 from craft_adapter.serve.server.failures import Handler, error_response, guarded, http_error
 from craft_adapter.serve.server.heap import settle_heap
 from craft_adapter.serve.server.inputs import ApiError, classify_options
@@ -270,4 +270,4 @@ def uvicorn_options(config: ServerConfig) -> dict[str, Any]:
 
     return {"log_config": uvicorn_log_config(), "access_log": False, "log_level": config.log_level,
             "timeout_graceful_shutdown": int(config.graceful_timeout_s), "server_header": False,
-            "http": GuardedH11Protocol, "lifespan": "on", "backlog": 4096}
+            "http": guarded_protocol(), "lifespan": "on", "backlog": 4096}

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from anyio import to_thread
 
 from craft_adapter.artifact.adapter_file import AdapterError
 from craft_adapter.serve.server.image_decoding import decoded_all
 from craft_adapter.serve.server.inputs import ApiError, hf_request
+from craft_adapter.serve.server.off_loop import off_loop
 from craft_adapter.serve.server.vendor_pool import VendorFailure, ZeroShotVendorClient
 from craft_adapter.serve.shipped import ShippedAdapter
 from craft_adapter.serve.vendor_binding import _returns as vendor_returns  # the runtime's rule, not a copy
@@ -169,6 +169,6 @@ async def refined_zero_shot(service: ServedAdapter, request: Any, config: Any, d
         raise ApiError(400, "unknown_labels", f"candidate labels {unknown[:5]} are not classes of {who}; it knows "
                        f"{service.class_names[:20]}")
     request.state.images = 1
-    checked = await decoded_all([image], config.max_image_pixels, to_thread.run_sync)
+    checked = await decoded_all([image], config.max_image_pixels, off_loop)
     result = await service.classify(checked, deadline)
     return zero_shot_answer(service.class_names, service.index, result.probabilities[0], labels)

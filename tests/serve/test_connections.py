@@ -16,9 +16,10 @@ import asyncio, sys, uvicorn
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from craft_adapter.serve.server.connections import GuardedH11Protocol, InFlightLimit
+from craft_adapter.serve.server import connections
+from craft_adapter.serve.server.connections import InFlightLimit
 
-class Protocol(GuardedH11Protocol):
+class Protocol(getattr(connections, sys.argv[1])):
     head_timeout_s = 2.0
     max_connections = 300
 
@@ -37,9 +38,10 @@ uvicorn.Server(uvicorn.Config(app, http=Protocol, log_level="error", backlog=409
 """
 
 
-@pytest.fixture(scope="module")
-def port():
-    proc = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+@pytest.fixture(scope="module", params=["GuardedH11Protocol", "GuardedHttpToolsProtocol"])
+def port(request: pytest.FixtureRequest):
+    """The guard on each of uvicorn's HTTP/1.1 parsers (the server uses httptools' where it is installed)."""
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, request.param], stdout=subprocess.PIPE, text=True)
     try:
         yield int(proc.stdout.readline())
     finally:

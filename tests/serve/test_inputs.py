@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import io
 import json
+import random
+import string
 import time
 
 import pytest
 from anyio import to_thread
 from PIL import Image
 
+from craft_adapter.serve.server import inputs
 from craft_adapter.serve.server.image_decoding import DecodeBudget, checked_image, decode_cost, decoded_all
-from craft_adapter.serve.server.inputs import ApiError, json_body
+from craft_adapter.serve.server.inputs import ApiError, b64decode_in_steps, json_body
 
 
 def encoded(size: tuple[int, int], fmt: str, **kw) -> bytes:
@@ -92,3 +97,55 @@ def test_decoding_runs_off_the_event_loop() -> None:
 
     ticks = asyncio.run(main())
     assert ticks >= 8  # ...and the loop kept ticking through them (on the loop it could tick once per decode)
+
+
+def _one_call(value: str) -> bytes | str:
+    try:
+        return base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return "refused"
+
+
+def _in_steps(value: str, step: int) -> bytes | str:
+    try:
+        return b64decode_in_steps(value, step)
+    except (binascii.Error, ValueError):
+        return "refused"
+
+
+def test_base64_in_steps_answers_and_refuses_exactly_as_one_call() -> None:
+    rng = random.Random(7)
+    alphabet = string.ascii_letters + string.digits + "+/=" + " \n" + "!-_."
+    cases = ["", "=", "AA==", "AA==AAAA", "AAAA=", "AAAA==", "A", "AA=A", " A A A A ", "AAA", "QUJD\nREVG"]
+    for _ in range(6000):
+        if rng.random() < 0.6:  # valid base64, then a few characters (padding, whitespace, junk) slipped in
+            v = base64.b64encode(rng.randbytes(rng.randrange(40))).decode()
+            for _ in range(rng.randrange(3)):
+                k = rng.randrange(len(v) + 1)
+                v = v[:k] + rng.choice([rng.choice(alphabet), "=" * rng.randrange(1, 4), " \n"]) + v[k:]
+        else:
+            v = "".join(rng.choice(alphabet) for _ in range(rng.randrange(30)))
+        cases.append(v)
+    answers = {"decoded": 0, "refused": 0}
+    for v in cases:
+        want = _one_call(v)
+        answers["refused" if want == "refused" else "decoded"] += 1
+        for step in (1, 2, 3, 4, 5, 8, 64):
+            assert _in_steps(v, step) == want, (v, step)
+    assert min(answers.values()) > 1000  # both kinds well represented
+
+
+def test_a_big_base64_image_is_decoded_in_bounded_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    # each call holds the GIL, during which the event loop cannot answer anything: no call may get the whole image
+    raw = random.Random(1).randbytes(12 << 20)
+    text = base64.b64encode(raw).decode()
+    sizes: list[int] = []
+    real = base64.b64decode
+
+    def spy(s, validate=False):  # noqa: ANN001, ANN202
+        sizes.append(len(s))
+        return real(s, validate=validate)
+
+    monkeypatch.setattr(inputs.base64, "b64decode", spy)
+    assert b64decode_in_steps(text) == raw
+    assert len(sizes) >= 16 and max(sizes) <= 2 * inputs.B64_STEP_CHARS
