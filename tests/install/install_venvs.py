@@ -26,8 +26,8 @@ KINDS = {"runtime": "", "server": "[server]", "fit": "[fit]"}  # kind -> the ext
 # distributions each kind must have, and must not have (names as pip lists them, normalised)
 PRESENT = {
     "runtime": {"numpy", "pillow", "safetensors", "onnxruntime", "httpx"},
-    "server": {"numpy", "pillow", "safetensors", "onnxruntime", "httpx", "starlette", "uvicorn", "python-multipart",
-               "aiohttp", "typer", "rich"},
+    "server": {"numpy", "pillow", "safetensors", "onnxruntime", "httpx", "starlette", "uvicorn", "httptools",
+               "python-multipart", "aiohttp", "typer", "rich"},
     "fit": {"torch", "open-clip-torch", "cma", "onnx", "onnxruntime", "typer", "rich"},
 }
 ABSENT = {

@@ -111,3 +111,10 @@ def test_excess_requests_get_a_json_503_and_health_still_answers(port: int) -> N
     assert sorted(r[0] for r in results) == [200, 200, 503, 503, 503]
     refused = next(r for r in results if r[0] == 503)[1]
     assert json.loads(refused["body"])["type"] == "overloaded" and refused["retry-after"] == "1"
+
+
+def test_the_server_serves_with_the_c_parser_when_it_is_installed() -> None:
+    from craft_adapter.serve.server.connections import GuardedHttpToolsProtocol, guarded_protocol
+
+    pytest.importorskip("httptools")  # the server extra installs it
+    assert guarded_protocol() is GuardedHttpToolsProtocol
