@@ -31,7 +31,7 @@ from craft_adapter.cli.shared import (
     out,
     with_options,
 )
-from craft_adapter.training.config import FitConfig
+from craft_adapter.training.config import NEW_SETTING_DEFAULTS, FitConfig
 
 if TYPE_CHECKING:
     from craft_adapter.vendors.credentials import Secret
@@ -84,7 +84,9 @@ def _settings(ctx: typer.Context, config: Path | None, opts: dict, saved: dict |
     if given.get("prompt") == "auto":
         del given["prompt"]
     try:
-        chosen = {**(saved or {}), **(FitConfig.read_file(config) if config else {}), **given}
+        # a manifest leaves out newer settings at their "as before" value (FitConfig.to_dict): read them back so
+        started = {} if saved is None else {**NEW_SETTING_DEFAULTS, **saved}
+        chosen = {**started, **(FitConfig.read_file(config) if config else {}), **given}
         auto = "prompt" not in chosen
         return FitConfig(**{"prompt": "soft", **chosen}), auto
     except (ValueError, OSError, TypeError) as e:

@@ -191,3 +191,14 @@ def test_a_cache_that_cannot_be_written_stops_the_fit_cleanly(tmp_path, stub, da
     assert r.exit_code == 2 and "cannot write to the query cache" in r.output and "disk is full" in r.output
     assert not out.exists()
     assert 1 <= sum(stub.calls.values()) <= 4  # stopped at the first answer it could not keep (4 in flight)
+
+
+def test_a_fit_started_with_a_setting_at_its_as_before_value_resumes(tmp_path, stub, data) -> None:
+    # a manifest leaves out a newer setting at the value that means "as before" (NEW_SETTING_DEFAULTS); a resume
+    # must read that value back, not today's default (which it then refused as "setting cma_diagonal is new")
+    out = tmp_path / "a.safetensors"
+    stub.script = ["ok"] * 30 + ["503"] * 10_000
+    assert fit(out, stub, data, "--no-cma-diagonal").exit_code == 3
+    stub.script.clear()
+    r = CliRunner().invoke(app, ["fit", "-o", str(out), "--resume"])
+    assert r.exit_code == 0, r.output
