@@ -75,6 +75,14 @@ def answer_bytes(cache: Path) -> tuple[int, int]:
     return int(n), int(size)
 
 
+def steady_generation_s(times: Path) -> float | None:
+    """Median seconds between the starts of successive ``embed_soft`` calls (a soft fit makes one a generation):
+    a generation's time without the one-off start (image embedding), which wall / generations spreads over however
+    many generations the budget allows. None for text fits (many calls a generation)."""
+    starts = [float(t) for name, t in (line.split() for line in times.read_text().splitlines()) if name == "embed_soft"]
+    return round(float(np.median(np.diff(starts))), 3) if len(starts) > 2 else None
+
+
 def kill_point(log: dict, calls: int) -> tuple[int, int]:
     """(ledger count, generation): where the fit passes 90% of its budget, ``calls`` the uninterrupted fit's ledger.
 
@@ -118,6 +126,7 @@ def one(n_classes: int, budget: int, work: Path, resume: str, extra: list[str], 
            "fit_wall_s": round(wall, 2), "fit_wall_in_log_s": log["wall_time_s"],
            "outside_loop_s": round(wall - log["wall_time_s"], 2),  # start-up, decoding, image embedding, writing
            "s_per_generation": round(log["wall_time_s"] / gens, 3), "vendor_s": log["vendor_time_s"],
+           "s_per_generation_steady": steady_generation_s(base / "ledger.times"),
            "peak_rss_mb": round(rss / 2**20, 1),  # the fit's process (a text fit's vendor runs in its own)
            "cache_bytes_per_query": round(size / queries),
            "cache_bytes_per_class_per_answer": round(size / max(1, answers) / n_classes, 1),
@@ -192,9 +201,12 @@ def report(rows: list[dict], result: dict, out: Path) -> None:
     result["rows"] = rows
     modes = {m: [r for r in rows if r.get("prompt", "soft") == m] for m in ("soft", "text")}
     for m, mine in modes.items():
-        if len({r["classes"] for r in mine}) > 1:
-            result[f"exponent_s_per_generation_vs_classes_{m}"] = round(float(np.polyfit(
-                np.log([r["classes"] for r in mine]), np.log([r["s_per_generation"] for r in mine]), 1)[0]), 3)
+        if len({r["classes"] for r in mine}) < 2:
+            continue
+        for key in ("s_per_generation", "s_per_generation_steady"):
+            if all(r.get(key) for r in mine):
+                result[f"exponent_{key}_vs_classes_{m}"] = round(float(np.polyfit(
+                    np.log([r["classes"] for r in mine]), np.log([r[key] for r in mine]), 1)[0]), 3)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     try:
@@ -260,6 +272,7 @@ def main() -> None:
         if vendor is not None:
             vendor[0].terminate()
             vendor[0].wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)  # the folders, caches and adapters: 500 MB at 1,000 classes
 
 
 if __name__ == "__main__":
