@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/profile_summary.py PROFILE.txt
 
-Each sample is charged to the innermost frame that belongs to a known part (uvicorn/h11 parsing, Starlette,
+Each sample is charged to the innermost frame that belongs to a known part (uvicorn and its HTTP parser, Starlette,
 the server's own middleware and handlers, JSON, PIL, aiohttp (the server's vendor client) or httpx to the vendor,
 onnxruntime, logging, the asyncio loop and its socket calls); so a ``json.dumps`` called by Starlette counts as
 JSON, and Starlette's own lines as Starlette. Shares are of all samples in Python threads (native onnxruntime
@@ -36,7 +36,7 @@ PARTS = (
     ("aiohttp/yarl/multidict (vendor calls)", ("aiohttp/", "aiohappyeyeballs/", "yarl/", "multidict/",
                                               "propcache/")),
     ("httpx/httpcore (vendor calls)", ("httpx/", "httpcore/", "h2/")),
-    ("uvicorn/h11 (HTTP server protocol)", ("uvicorn/", "h11/")),
+    ("uvicorn, httptools/h11 (HTTP server protocol)", ("uvicorn/", "h11/", "httptools/")),
     ("starlette (routing, request, response)", ("starlette/",)),
     ("anyio (threads, streams)", ("anyio/", "sniffio/")),
     ("asyncio loop, sockets, selectors", ("asyncio/", "selectors.py", "socket.py", "ssl.py")),
