@@ -81,6 +81,26 @@ def test_idle_sockets_cannot_take_the_server_down(port: int) -> None:
             s.close()
 
 
+def test_sockets_opened_together_are_not_all_closed_together(port: int) -> None:
+    # head deadlines are jittered: a flood's sockets time out over a while, not in one burst that holds the loop
+    import select
+
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(60)]
+    closed_at: dict[int, float] = {}
+    try:
+        deadline = time.monotonic() + 6.0  # the 2 s deadline plus its jitter, with room for a loaded machine
+        while len(closed_at) < len(idle) and time.monotonic() < deadline:
+            ready, _, _ = select.select([s for s in idle if s.fileno() not in closed_at], [], [], 0.05)
+            for s in ready:
+                if s.recv(1) == b"":
+                    closed_at[s.fileno()] = time.monotonic()
+    finally:
+        for s in idle:
+            s.close()
+    assert len(closed_at) == len(idle)
+    assert max(closed_at.values()) - min(closed_at.values()) > 0.1  # spread over up to 0.4 s (20% of 2 s)
+
+
 def test_a_head_sent_one_byte_at_a_time_is_cut_off(port: int) -> None:
     s = socket.create_connection(("127.0.0.1", port))
     t0 = time.perf_counter()
