@@ -24,9 +24,9 @@ DEFAULT_BUDGETS = {1: 2000, 2: 4000, 4: 4000, 8: 8000, 16: 8000}
 TEXT_DEFAULT_BUDGET = 20_000  # vendor calls
 # A capped generation's own arithmetic (logits, refiner, fitness) is about popsize x FITNESS_ROWS x C x (width +
 # 2 x hidden) multiply-adds, linear in C as the vendor's popsize x C class texts are: at 1,000 classes on the
-# reference vendor 5.3 s a generation against the vendor's 15.6 s (56 s in all uncapped; measured with
-# benchmarks/scale.py --budget 800 --resume none). It bites only above 170 classes at 16 shots (12 training images
-# a class), so every fit measured before it (reference task, task suite) is unchanged.
+# reference vendor, a quiet machine, 5.6 s of a 14.3 s generation, against 22.1 s of 27.4 s uncapped
+# (benchmarks/results/scale_steady.json, scale_uncapped.json). It bites only above 170 classes at 16 shots (12
+# training images a class), so every fit measured before it (reference task, task suite) is unchanged.
 FITNESS_ROWS = 2048
 GROUPS = ("decisive", "operational")
 
