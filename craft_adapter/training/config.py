@@ -131,10 +131,9 @@ class FitConfig:
                                  "full covariance, as the paper.")
     # issue 17 (time per generation): scoring every image against every class is O(C^2) a generation; the cap makes
     # it O(FITNESS_ROWS * C), like the vendor's share (see FITNESS_ROWS).
-    fitness_rows: int = setting(FITNESS_ROWS, "Soft mode: at most this many training images scored (and trained "
-                                "on by the refiner) per generation, a class-balanced sample drawn afresh each "
-                                "generation, so a generation's own work grows with the classes, not classes x "
-                                "images; fits with fewer images are unchanged; 0: every image.")
+    fitness_rows: int = setting(FITNESS_ROWS, "Soft mode: at most this many training images a generation (a "
+                                "class-balanced sample, drawn afresh), so its work grows with classes, not classes x "
+                                "images; 0: every image.")
 
     def __post_init__(self) -> None:
         checks = [
