@@ -55,6 +55,18 @@ def random_images(n: int, seed: int = 0, size: int = 28) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), mode="L") for _ in range(n)]
 
 
+# a soft fit small enough for a test: with few_shots(3, 5), 3 classes x 4 shots, 1 held out (9 training images)
+SMALL_SOFT_FIT = {"shots": 4, "budget": 80, "popsize": 8, "intrinsic_dim": 16, "eval_every": 3, "holdout_shots": 1}
+
+
+def few_shots(n_classes: int, per_class: int, seed: int = 3):  # -> LabeledImages
+    """``per_class`` random images for each of ``n_classes`` classes named "class i", as a fit takes them."""
+    from craft_adapter.training.image_sets import LabeledImages
+
+    images = random_images(n_classes * per_class, seed=seed)
+    return LabeledImages(images, np.repeat(np.arange(n_classes), per_class), [f"class {i}" for i in range(n_classes)])
+
+
 @contextlib.contextmanager
 def local_vendor(model_dir: Path) -> Iterator[str]:
     """The local zero-shot vendor (``craft-adapter vendor``'s server) for the model in ``model_dir``, in a thread on

@@ -8,28 +8,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import random_images
+from conftest import SMALL_SOFT_FIT, few_shots, random_images
 
 from craft_adapter import FitConfig, fit_adapter
 from craft_adapter.blackbox.box import BlackBox
 from craft_adapter.blackbox.query_cache import QueryCache
-from craft_adapter.training.image_sets import LabeledImages
 from craft_adapter.training.prompt_modules import SoftModule, balanced_rows
 from craft_adapter.training.resume import FitRun, manifest_path
 from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
 # 3 classes x 4 shots, 1 held out: 9 training images a generation when uncapped
-SMALL = {"shots": 4, "budget": 80, "popsize": 8, "intrinsic_dim": 16, "eval_every": 3, "holdout_shots": 1}
+SMALL = SMALL_SOFT_FIT
 
 
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir: Path) -> OpenClipBackend:
     return OpenClipBackend(f"local-dir:{tiny_model_dir}", device="cpu")
-
-
-def few_shots(n_classes: int, per_class: int, seed: int = 3) -> LabeledImages:
-    images = random_images(n_classes * per_class, seed=seed)
-    return LabeledImages(images, np.repeat(np.arange(n_classes), per_class), [f"class {i}" for i in range(n_classes)])
 
 
 def test_the_sample_is_class_balanced_sorted_and_drawn_from_its_generator_only() -> None:

@@ -6,31 +6,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import random_images
+from conftest import SMALL_SOFT_FIT, few_shots
 from safetensors import safe_open
 
 from craft_adapter import FitConfig, fit_adapter
 from craft_adapter.blackbox.query_cache import QueryCache
 from craft_adapter.training.api import ResumeConflict, SettingsError
 from craft_adapter.training.checkpoint import META_KEY, checkpoint_path
-from craft_adapter.training.image_sets import LabeledImages
 from craft_adapter.training.refiner import chunk_plan
 from craft_adapter.training.resume import FitRun, manifest_path
 from craft_adapter.vendors.open_clip_backend import OpenClipBackend
 
-SMALL = {"shots": 4, "budget": 80, "popsize": 8, "intrinsic_dim": 16, "eval_every": 3, "holdout_shots": 1}
+SMALL = SMALL_SOFT_FIT
 
 
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir: Path) -> OpenClipBackend:
     return OpenClipBackend(f"local-dir:{tiny_model_dir}", device="cpu")
-
-
-def few_shots(n_classes: int, per_class: int, seed: int = 3) -> LabeledImages:
-    images = random_images(n_classes * per_class, seed=seed)
-    return LabeledImages(images, np.repeat(np.arange(n_classes), per_class), [f"class {i}" for i in range(n_classes)])
 
 
 def test_chunk_plan_keeps_one_pass_when_it_fits_and_splits_rows_only_when_one_candidate_does_not() -> None:
