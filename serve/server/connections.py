@@ -121,13 +121,16 @@ class GuardedH11Protocol(_HeadGuard, H11Protocol):
     """uvicorn's pure-Python HTTP/1.1 protocol (h11), guarded."""
 
 
-GuardedHttpToolsProtocol = (None if HttpToolsProtocol is None else
-                            type("GuardedHttpToolsProtocol", (_HeadGuard, HttpToolsProtocol),
-                                 {"__doc__": "uvicorn's httptools (C parser) HTTP/1.1 protocol, guarded."}))
+if HttpToolsProtocol is not None:
+    class GuardedHttpToolsProtocol(_HeadGuard, HttpToolsProtocol):
+        """uvicorn's httptools (C parser) HTTP/1.1 protocol, guarded."""
+else:  # pragma: no cover - exercised only without httptools
+    GuardedHttpToolsProtocol = None
 
 
 def guarded_protocol() -> type:
-    """The guarded protocol class to serve with: httptools' when it is installed (about half h11's parsing CPU)."""
+    """The guarded protocol class to serve with: httptools' when it is installed (about 6% less server CPU a
+    request than h11's in the soak A/B)."""
     return GuardedHttpToolsProtocol or GuardedH11Protocol
 
 

@@ -1,8 +1,5 @@
-"""A socket transport that sends each event-loop step's writes as one ``send`` (used by every server connection).
-
-uvicorn writes a response's head and body separately; on loopback each send also runs the receiver's TCP path on
-the sender's CPU, so two sends where one would do were the largest single cost of a request.
-"""
+"""A socket transport that sends each event-loop step's writes as one ``send`` (used by every server connection;
+why: :class:`CorkedTransport`)."""
 
 from __future__ import annotations
 
