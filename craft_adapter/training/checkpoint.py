@@ -12,9 +12,11 @@ fitness values told to CMA-ES each generation.
 CMA-ES: the ``cma`` package saves an ``es`` only by pickling it, and its state is a deep object graph (sampler,
 step-size adaptation, boundary handler) driven by numpy's global RNG. So the checkpoint keeps what decides that
 state, the fitness told each generation (``popsize`` float32 per generation), and a restore runs ``ask``/``tell``
-again with those values: no vendor call, no refiner, milliseconds per generation. The mean, step size, iteration
-count and global RNG state it reaches are checked bit for bit against the saved ones, so a different ``cma`` or
-numpy that would continue differently is refused instead of silently giving another adapter.
+again with those values: no vendor call, no refiner, milliseconds per generation (the numpy engine is restored the
+same way, one rule for both). The mean, step size, iteration count and RNG state it reaches (numpy's global one for
+``cma``, the engine's own generator for ``numpy``: ``SoftPromptSearch.state``) are checked bit for bit against the
+saved ones, so a different ``cma`` or numpy that would continue differently is refused instead of silently giving
+another adapter.
 
 A checkpoint is read like any untrusted file: size capped, strict JSON, every tensor's dtype and shape checked
 against what this fit expects before it is loaded, values finite. A checkpoint of another fit (other settings,
@@ -58,11 +60,6 @@ def checkpoint_path(output: Path) -> Path:
     return output.with_name(output.name + ".ckpt.safetensors")
 
 
-def _np_rng_state() -> tuple[np.ndarray, int]:
-    state = np.random.get_state()  # cma draws from numpy's global RNG
-    return np.asarray(state[1], dtype=np.uint32), int(state[2])
-
-
 class Checkpoints:
     """Snapshots of a fit after each generation; one written every ``every`` generations and on a stop.
 
@@ -90,21 +87,20 @@ class Checkpoints:
         when there is none of this fit. ``boxes`` are (train, holdout or None)."""
         search = module.search
         expect, best_refiner = state_tensors(refiner)
-        expect |= {"told": ("F32", (0, search.es.popsize)), "cur": ("F32", tuple(search.p0.shape)),
-                   "np_rng": ("U32", (624,)), "es.mean": ("F64", (search.es.N,))}
+        es_arrays, es_meta = search.state()  # the fresh search's: the names, types and shapes to expect
+        expect |= {"told": ("F32", (0, search.es.popsize)), "cur": ("F32", tuple(search.p0.shape))}
+        expect |= {k: ({np.float64: "F64", np.uint32: "U32"}[v.dtype.type], v.shape) for k, v in es_arrays.items()}
         max_gen = meter.budget // search.es.popsize + 1 if meter.budget is not None else 10**6
         loaded = self.load(expect, {"told": (1, max_gen)}, best_refiner | {"best.ctx": expect["cur"]},
-                           lambda meta: _soft_meta_ok(meta, max_gen))
+                           lambda meta: state_meta_ok(meta, max_gen) and isinstance(meta.get("es"), dict)
+                           and all(type(meta["es"].get(k)) is type(v) for k, v in es_meta.items()))
         if loaded is None:
             return None
         arrays, meta = loaded
         for fitness in arrays["told"]:  # CMA-ES again, with the fitness it was told: no vendor call, no refiner
             search.tell(search.ask(), fitness)
-        mt, pos = _np_rng_state()
-        es = meta["es"]
-        if not (np.array_equal(search.es.mean, arrays["es.mean"]) and float(search.es.sigma) == es["sigma"]
-                and int(search.es.countiter) == es["countiter"] and np.array_equal(mt, arrays["np_rng"])
-                and pos == es["np_rng_pos"]):
+        es_arrays, es_meta = search.state()
+        if not (all(np.array_equal(v, arrays[k]) for k, v in es_arrays.items()) and es_meta == meta["es"]):
             raise CheckpointError(f"{self.path}: CMA-ES does not come back to the saved state (another cma or numpy "
                                   "version?)")
         self.told = list(arrays["told"])
@@ -119,16 +115,13 @@ class Checkpoints:
     def generation_done(self, gen: int, fitness: np.ndarray, meter, refiner, opt, shuffle: torch.Generator,
                         cur: np.ndarray, best, history: list[dict], checked: bool, module: SoftModule) -> None:
         """Snapshot a soft fit's state after generation ``gen`` (copies: the next generation mutates the refiner)."""
-        es = module.search.es
         self.told.append(np.asarray(fitness, np.float32).copy())
         arrays = state_arrays(refiner, opt, shuffle, None if best is None else best[2])
-        mt, pos = _np_rng_state()
-        arrays |= {"told": np.stack(self.told), "cur": np.asarray(cur, np.float32).copy(), "np_rng": mt,
-                   "es.mean": np.asarray(es.mean, np.float64).copy()}
+        es_arrays, es_meta = module.search.state()
+        arrays |= {"told": np.stack(self.told), "cur": np.asarray(cur, np.float32).copy()} | es_arrays
         if best is not None:
             arrays["best.ctx"] = np.asarray(best[1], np.float32).copy()
-        self.snapshot(arrays, state_meta(self.identity, gen, meter, best, history, checked)
-                      | {"es": {"sigma": float(es.sigma), "countiter": int(es.countiter), "np_rng_pos": pos}})
+        self.snapshot(arrays, state_meta(self.identity, gen, meter, best, history, checked) | {"es": es_meta})
 
     def snapshot(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         """Keep the state after a generation as the last one; write it when a write is due."""
@@ -225,12 +218,6 @@ def state_meta_ok(meta: dict[str, Any], max_gen: int) -> bool:
             and isinstance(meta.get("history"), list) and len(meta["history"]) == gen
             and isinstance(m, dict) and all(isinstance(m.get(k), int) and m[k] >= 0 for k in METER)
             and (meta.get("best_acc") is None or isinstance(meta["best_acc"], float)))
-
-
-def _soft_meta_ok(meta: dict[str, Any], max_gen: int) -> bool:
-    es = meta.get("es")
-    return (state_meta_ok(meta, max_gen) and isinstance(es, dict) and isinstance(es.get("sigma"), float)
-            and isinstance(es.get("countiter"), int) and isinstance(es.get("np_rng_pos"), int))
 
 
 def state_arrays(refiner: torch.nn.Module, opt: torch.optim.Optimizer, shuffle: torch.Generator,

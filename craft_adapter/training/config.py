@@ -129,6 +129,9 @@ class FitConfig:
     cma_diagonal: bool = setting(True, "Soft mode: separable CMA-ES (a diagonal covariance), linear rather than "
                                  "quadratic in the search dimension and as accurate over the task suite; off: "
                                  "full covariance, as the paper.")
+    cma_engine: Literal["numpy", "cma"] = setting("numpy", "Soft mode: the CMA-ES code: numpy (our vectorized "
+                                                  "separable CMA-ES, a fraction of a millisecond a generation; needs "
+                                                  "cma_diagonal) or cma (the cma package, as fits before it).")
     # issue 17 (time per generation): scoring every image against every class is O(C^2) a generation; the cap makes
     # it O(FITNESS_ROWS * C), like the vendor's share (see FITNESS_ROWS).
     fitness_rows: int = setting(FITNESS_ROWS, "Soft mode: at most this many training images a generation (a "
@@ -163,6 +166,9 @@ class FitConfig:
             (self.checkpoint_seconds >= 0, "checkpoint_seconds must be non-negative"),
             (self.fitness_rows >= 0, "fitness_rows must be non-negative (0: every image)"),
             (self.cache_precision in ("float32", "float16"), "cache_precision must be 'float32' or 'float16'"),
+            (self.cma_engine in ("numpy", "cma"), "cma_engine must be 'numpy' or 'cma'"),
+            (self.cma_engine == "cma" or self.cma_diagonal, "cma_engine 'numpy' is separable only: with "
+             "--no-cma-diagonal (full covariance) use --cma-engine cma"),
             (self.cache_max_mb is None or self.cache_max_mb > 0, "cache_max_mb must be positive"),
             (self.train_prompt or self.train_refiner, "nothing to train: enable the prompt or the refiner"),
             (self.init_prompt.strip() != "", "init_prompt must not be empty"),
@@ -239,7 +245,7 @@ class FitConfig:
 # default cap reproduces every earlier fit of at most FITNESS_ROWS training images (all the ones measured), so it
 # is the one left out; a fit of more, started before the cap existed, resumes capped.
 NEW_SETTING_DEFAULTS: dict[str, Any] = {"cache_precision": "float32", "embedding_head": False, "cma_diagonal": False,
-                                        "fitness_rows": FITNESS_ROWS}
+                                        "fitness_rows": FITNESS_ROWS, "cma_engine": "cma"}
 
 
 def operational_settings() -> frozenset[str]:
