@@ -130,10 +130,12 @@ def test_separable_search_is_the_default_and_recorded_while_full_keeps_old_recor
     from craft_adapter.training.soft_prompt import SoftPromptSearch
 
     p0 = np.zeros((2, 8), np.float32) + np.arange(8, dtype=np.float32)
-    assert SoftPromptSearch(p0, FitConfig(intrinsic_dim=16)).es.opts["CMA_diagonal"] is True
-    assert not SoftPromptSearch(p0, FitConfig(intrinsic_dim=16, cma_diagonal=False)).es.opts["CMA_diagonal"]
+    assert SoftPromptSearch(p0, FitConfig(intrinsic_dim=16, cma_engine="cma")).es.opts["CMA_diagonal"] is True
+    assert not SoftPromptSearch(p0, FitConfig(intrinsic_dim=16, cma_diagonal=False, cma_engine="cma")
+                                ).es.opts["CMA_diagonal"]  # the numpy engine (the default) is separable only
     assert FitConfig().to_dict()["cma_diagonal"] is True
-    assert "cma_diagonal" not in FitConfig(cma_diagonal=False).to_dict()  # as adapters fitted before it record
+    assert "cma_diagonal" not in FitConfig(cma_diagonal=False, cma_engine="cma").to_dict()  # as adapters fitted
+    # before it record
     assert FitConfig().kl_decay_n == 1  # the refiner's KL term stays on to the end (issue 15: late drift)
     assert FitConfig().resolved_lr == 1e-4 and FitConfig(prompt="text").resolved_lr == 1e-3
     assert FitConfig(lr=5e-3).resolved_lr == 5e-3 and FitConfig().to_dict()["lr"] is None

@@ -57,11 +57,12 @@ def _stop_at(gen: int):  # noqa: ANN202
     return hook
 
 
-@pytest.mark.parametrize("diagonal", [True, False], ids=["separable CMA-ES", "full CMA-ES"])
+@pytest.mark.parametrize(("engine", "diagonal"), [("numpy", True), ("cma", True), ("cma", False)],
+                         ids=["numpy separable CMA-ES", "cma separable CMA-ES", "cma full CMA-ES"])
 def test_a_stopped_fit_resumes_from_its_checkpoint_to_the_same_bytes(backend: OpenClipBackend, tmp_path: Path,
-                                                                    diagonal: bool) -> None:
+                                                                    engine: str, diagonal: bool) -> None:
     data = few_shots(3, 5)
-    cfg = FitConfig(**SMALL, checkpoint_every=3, cma_diagonal=diagonal)
+    cfg = FitConfig(**SMALL, checkpoint_every=3, cma_diagonal=diagonal, cma_engine=engine)
     ref = tmp_path / "ref" / "a.safetensors"
     ref.parent.mkdir()
     fit_adapter(data, backend, cfg, output=ref)
