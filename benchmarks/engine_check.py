@@ -8,6 +8,10 @@ alone. Records the test accuracy, wall and vendor seconds of each fit, one at a 
 
     .venv/bin/python -m benchmarks.engine_check --seeds 1 2
     .venv/bin/python -m benchmarks.engine_check --seeds 1 2 --what prompt
+
+``--split N``: instead, the reference fit's wall-time split (seed 1, defaults) with each engine, alternating the
+engines round by round as benchmarks/fit_threads.py alternates its arms; medians of N rounds of the seconds spent
+outside backend calls and their share, written to benchmarks/results/engine_split.json.
 """
 
 from __future__ import annotations
@@ -25,14 +29,47 @@ TUNING = ("fashion-catalogue", "fashion-night", "fashion-sketch", "letters-serif
 WHAT = {"craft": ("CraFT soft", {}), "prompt": ("prompt only", {"train_refiner": False})}
 
 
+def split(rounds: int) -> None:
+    """The reference fit's seconds outside backend calls, numpy engine against cma, alternating; print and write."""
+    import os
+
+    from craft_adapter.reference.task import REFERENCE_VENDOR_DIR, reference_train
+    from craft_adapter.training.api import fit_adapter
+    from craft_adapter.training.config import FitConfig
+    from craft_adapter.vendors.open_clip_backend import OpenClipBackend
+
+    backend = OpenClipBackend(f"local-dir:{REFERENCE_VENDOR_DIR}", device="cpu")
+    data = reference_train(16, 1)
+    runs: dict[str, list[dict]] = {"numpy": [], "cma": []}
+    for r in range(rounds):
+        for engine in ("numpy", "cma") if r % 2 == 0 else ("cma", "numpy"):
+            rec = fit_adapter(data, backend, FitConfig(seed=1, cma_engine=engine)).record
+            runs[engine].append({"wall_s": rec.wall_time_s, "vendor_s": rec.vendor_time_s,
+                                 "other_s": rec.wall_time_s - rec.vendor_time_s,
+                                 "other_share": 1 - rec.vendor_time_s / rec.wall_time_s})
+            print(f"round {r + 1} {engine}: {runs[engine][-1]}", flush=True)
+    med = {e: {k: statistics.median(x[k] for x in rs) for k in ("wall_s", "vendor_s", "other_s", "other_share")}
+           for e, rs in runs.items()}
+    out = {"median": med, "runs": runs, "load_average": os.getloadavg(),
+           "command": f"python -m benchmarks.engine_check --split {rounds}"}
+    (RESULTS / "engine_split.json").write_text(json.dumps(out, indent=1) + "\n")
+    for e, m in med.items():
+        print(f"{e:6s} wall {m['wall_s']:.1f}s, outside backend calls {m['other_s']:.2f}s "
+              f"({100 * m['other_share']:.1f}%)")
+
+
 def main() -> None:
     """Fit each asked (task, seed) with the numpy engine; print and write the comparison with the stored cma runs."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="*", default=list(TUNING), choices=TUNING)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--what", choices=sorted(WHAT), default="craft")
+    ap.add_argument("--split", type=int, default=0, metavar="ROUNDS", help="measure the reference fit's split")
     args = ap.parse_args()
     use_passive_omp_wait()
+    if args.split:
+        split(args.split)
+        return
     from benchmarks.suite import task
     from benchmarks.suite_runs import run_fit
 

@@ -210,6 +210,8 @@ class FitConfig:
         """The decisive settings, for the adapter's fit summary and the resume manifest (operational ones are not)."""
         d = asdict(self)
         skip = operational_settings() | {k for k, v in NEW_SETTING_DEFAULTS.items() if d[k] == v}
+        if self.prompt == "text":  # no CMA-ES in text mode: the engine decides nothing there (text adapters keep bytes)
+            skip |= {"cma_engine"}
         return {k: v for k, v in d.items() if k not in skip}
 
     @property

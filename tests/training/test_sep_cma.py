@@ -98,6 +98,7 @@ def test_the_fit_s_search_uses_it_by_default_and_the_cma_package_when_asked() ->
                                 ).es.opts["CMA_diagonal"]
     assert FitConfig().to_dict()["cma_engine"] == "numpy"
     assert "cma_engine" not in FitConfig(cma_engine="cma").to_dict()  # as adapters fitted before it record
+    assert "cma_engine" not in FitConfig(prompt="text").to_dict()  # no CMA-ES there: text adapters keep their bytes
     with pytest.raises(ValueError, match="separable only"):
         FitConfig(cma_diagonal=False)
     with pytest.raises(ValueError, match="cma_engine must be"):
