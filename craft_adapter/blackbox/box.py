@@ -241,15 +241,21 @@ class BlackBox:
 
     # issue 17 (fit memory): the fit asks for a population's embeddings in one charged call, then makes its logits
     # a few candidates at a time with cosine_logits, so [p, n, c] is never whole in memory.
-    def soft_embeddings(self, ctx: np.ndarray) -> np.ndarray:
+    def soft_embeddings(self, ctx: np.ndarray, kind: str = "soft") -> np.ndarray:
         """Class-text embeddings ``[p, c, d]`` of context vectors ``ctx [p, n_ctx, width]``, charged as
         :meth:`logits_soft` is (image embeddings are fetched first)."""
         backend = self._soft()
         self._images_embedded()
         self.meter.charge(queries=len(ctx), vendor_calls=1)
         keys = [(array_key(c, *self.class_names), "") for c in ctx]
-        return self._answers("soft", keys, lambda todo: backend.embed_soft(ctx[todo], self.class_names),
+        return self._answers(kind, keys, lambda todo: backend.embed_soft(ctx[todo], self.class_names),
                              (len(self.class_names), None))  # [p, c, d]
+
+    def soft_embeddings_alone(self, ctx: np.ndarray) -> np.ndarray:
+        """As :meth:`soft_embeddings` for one context ``[n_ctx, width]`` asked on its own (``[1, c, d]``), its answer
+        cached apart from answers given within a population: a model's last bits depend on the batch an input came
+        in, so a fit resumed from the cache reads back the bits a fresh fit is answered."""
+        return self.soft_embeddings(ctx[None], kind="soft-alone")
 
     def cosine_logits(self, text_emb: np.ndarray, rows: Sequence[int] | None = None) -> np.ndarray:
         """Scores ``[p, m, c]`` on image ``rows`` (default every image) of class-text embeddings ``text_emb [p, c, d]``

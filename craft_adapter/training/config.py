@@ -28,6 +28,10 @@ TEXT_DEFAULT_BUDGET = 20_000  # vendor calls
 # (benchmarks/results/scale_steady.json, scale_uncapped.json). It bites only above 170 classes at 16 shots (12
 # training images a class), so every fit measured before it (reference task, task suite) is unchanged.
 FITNESS_ROWS = 2048
+# After the loop, the chosen refiner trains this many more epochs on every shot (the held-out ones too) at the loop's
+# learning rate, with the KL term: chosen on the mean over the suite's tuning tasks, never per task (+1.24 points on
+# it, and more on every task: benchmarks/results/refit_probe.json; training/refit.py).
+REFIT_EPOCHS = 50
 GROUPS = ("decisive", "operational")
 
 
@@ -129,16 +133,23 @@ class FitConfig:
     cma_diagonal: bool = setting(True, "Soft mode: separable CMA-ES (a diagonal covariance), linear rather than "
                                  "quadratic in the search dimension and as accurate over the task suite; off: "
                                  "full covariance, as the paper.")
-    cma_engine: Literal["numpy", "cma"] = setting("numpy", "Soft mode: the CMA-ES code: numpy (our vectorized "
-                                                  "separable CMA-ES, a fraction of a millisecond a generation; needs "
-                                                  "cma_diagonal) or cma (the cma package, as fits before it).")
+    cma_engine: Literal["numpy", "cma"] | None = setting(None, "Soft mode: the CMA-ES code: numpy (our vectorized "
+                                                         "separable CMA-ES, a fraction of a millisecond a generation) "
+                                                         "or cma (the cma package, as fits before it); default numpy, "
+                                                         "cma with --no-cma-diagonal.")
     # issue 17 (time per generation): scoring every image against every class is O(C^2) a generation; the cap makes
     # it O(FITNESS_ROWS * C), like the vendor's share (see FITNESS_ROWS).
     fitness_rows: int = setting(FITNESS_ROWS, "Soft mode: at most this many training images a generation (a "
                                 "class-balanced sample, drawn afresh), so its work grows with classes, not classes x "
                                 "images; 0: every image.")
+    # issue 15 (the gap to the linear probe): the held-out shots choose the pair, then teach the refiner too
+    refit_epochs: int | None = setting(None, "Soft mode with held-out shots: after the chosen prompt and refiner, "
+                                       "train the refiner this many more epochs on every shot, held-out ones too "
+                                       "(one query: the chosen prompt on them); default REFIT_EPOCHS, 0: off.")
 
     def __post_init__(self) -> None:
+        if self.cma_engine is None:  # the numpy engine is separable only; full covariance is the cma package's
+            self.cma_engine = "numpy" if self.cma_diagonal else "cma"
         checks = [
             (self.shots >= 1, "shots must be at least 1"),
             (self.budget is None or self.budget >= 1, "budget must be positive"),
@@ -165,6 +176,9 @@ class FitConfig:
              "memory_budget_mb must be positive and checkpoint_every non-negative"),
             (self.checkpoint_seconds >= 0, "checkpoint_seconds must be non-negative"),
             (self.fitness_rows >= 0, "fitness_rows must be non-negative (0: every image)"),
+            (self.refit_epochs is None or self.refit_epochs >= 0, "refit_epochs must be non-negative (0: off)"),
+            (self.prompt == "soft" or not self.refit_epochs, "refit_epochs is a soft-mode setting (text mode keeps "
+             "the loop's refiner)"),
             (self.cache_precision in ("float32", "float16"), "cache_precision must be 'float32' or 'float16'"),
             (self.cma_engine in ("numpy", "cma"), "cma_engine must be 'numpy' or 'cma'"),
             (self.cma_engine == "cma" or self.cma_diagonal, "cma_engine 'numpy' is separable only: with "
@@ -192,6 +206,13 @@ class FitConfig:
         return 1e-3 if self.prompt == "text" else 1e-4
 
     @property
+    def resolved_refit_epochs(self) -> int:
+        """Refit epochs in force: ``refit_epochs``, or :data:`REFIT_EPOCHS` in soft mode (text mode: none)."""
+        if self.refit_epochs is not None:
+            return self.refit_epochs
+        return 0 if self.prompt == "text" else REFIT_EPOCHS
+
+    @property
     def budget_unit(self) -> str:
         """Queries in soft mode; vendor calls in text mode, where a string-only vendor bills per call."""
         return "vendor_calls" if self.prompt == "text" else "queries"
@@ -210,8 +231,8 @@ class FitConfig:
         """The decisive settings, for the adapter's fit summary and the resume manifest (operational ones are not)."""
         d = asdict(self)
         skip = operational_settings() | {k for k, v in NEW_SETTING_DEFAULTS.items() if d[k] == v}
-        if self.prompt == "text":  # no CMA-ES in text mode: the engine decides nothing there (text adapters keep bytes)
-            skip |= {"cma_engine"}
+        if self.prompt == "text":  # no CMA-ES and no refit in text mode: they decide nothing there (text adapters
+            skip |= {"cma_engine", "refit_epochs"}  # keep their bytes)
         return {k: v for k, v in d.items() if k not in skip}
 
     @property
@@ -247,7 +268,8 @@ class FitConfig:
 # default cap reproduces every earlier fit of at most FITNESS_ROWS training images (all the ones measured), so it
 # is the one left out; a fit of more, started before the cap existed, resumes capped.
 NEW_SETTING_DEFAULTS: dict[str, Any] = {"cache_precision": "float32", "embedding_head": False, "cma_diagonal": False,
-                                        "fitness_rows": FITNESS_ROWS, "cma_engine": "cma"}
+                                        "fitness_rows": FITNESS_ROWS, "cma_engine": "cma",
+                                        "refit_epochs": 0}
 
 
 def operational_settings() -> frozenset[str]:

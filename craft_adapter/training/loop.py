@@ -6,8 +6,9 @@ sample when the set has more than ``fitness_rows`` images) with fitness
 ``CE(logits) + w * KL(refined || logits)``; then the refiner trains one epoch on the best candidate's logits
 with ``CE(refined) + w * KL(logits || refined)``, w dropping to 0 after ``budget // kl_decay_n``. Every
 ``eval_every`` generations the current prompt and refiner are scored on held-out shots and the best pair is
-kept. A generation starts only if it, and the last hold-out check, fit in what is left of the budget. Every
-call goes through the :class:`BlackBox`, so every call is counted and capped.
+kept; in soft mode that refiner then trains ``refit_epochs`` more on every shot, the held-out ones too
+(:mod:`.refit`). A generation starts only if it, the last hold-out check and the refit fit in what is left of the
+budget. Every call goes through the :class:`BlackBox`, so every call is counted and capped.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from craft_adapter.training.checkpoint import Checkpoints
 from craft_adapter.training.config import FitConfig
 from craft_adapter.training.prompt_modules import make_prompt_module
 from craft_adapter.training.refiner import Refiner, population_fitness, train_epoch
+from craft_adapter.training.refit import refit_on_every_shot
 from craft_adapter.training.threads import one_thread
 
 
@@ -90,8 +92,12 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
     def labels(rows) -> torch.Tensor:
         return torch.from_numpy(y_train if rows is None else y_train[rows])
 
-    # The last hold-out check must stay affordable: every generation leaves its worst case unspent.
+    # The last hold-out check must stay affordable: every generation leaves its worst case unspent; so must the
+    # refit's one query (the chosen context on every shot).
     reserve = holdout.n_images if use_holdout and cfg.budget_unit == "vendor_calls" else int(use_holdout)
+    # (not under an embedding head, which replaces the refiner: training/embedding_head.py)
+    refit = (use_holdout and cfg.prompt == "soft" and cfg.train_refiner and cfg.resolved_refit_epochs > 0
+             and not cfg.embedding_head)
     best: tuple[float, object, dict] | None = None
     history: list[dict] = []
     cur, gen, checked = None, 0, True
@@ -107,7 +113,7 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
                 cands = module.propose()
             rows = module.rows(meter.used, budget)  # None: every image
             due = use_holdout and (gen + 1) % cfg.eval_every == 0
-            if module.cost(train, cands, rows) + reserve * (1 + due) > meter.remaining:
+            if module.cost(train, cands, rows) + reserve * (1 + due) + refit > meter.remaining:
                 break
             scores = module.score(train, cands, rows)  # [p, m, c], made a chunk at a time within the memory budget
             with one_thread():  # everything from here to the hold-out check is the fit's own arithmetic
@@ -153,6 +159,9 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
     if best is not None:
         _, final, state = best
         refiner.load_state_dict(state)
+    refit_info = None
+    if refit and isinstance(final, np.ndarray):
+        refit_info = refit_on_every_shot(refiner, (train, holdout), (y_train, y_holdout), final, cfg, shuffle)
     ctx = final if isinstance(final, np.ndarray) else None
     adapter = Adapter(
         class_names=list(train.class_names), template=cfg.template if ctx is not None else final,
@@ -162,7 +171,8 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
         fit={"shots": cfg.shots, "seed": cfg.seed, "budget": budget, "budget_unit": meter.unit,
              "queries": meter.queries, "vendor_calls": meter.vendor_calls, "images_sent": meter.images_sent,
              "generations": gen, "holdout_shots": cfg.n_holdout if use_holdout else 0,
-             "holdout_acc": None if best is None else best[0], "config": cfg.to_dict()},
+             "holdout_acc": None if best is None else best[0], "config": cfg.to_dict(),
+             **({"refit": refit_info} if refit_info else {})},
     )
     return FitResult(adapter, history, time.perf_counter() - t0, meter.vendor_seconds, meter.summary())
 

@@ -127,3 +127,4 @@ def train_epoch(refiner: Refiner, opt: torch.optim.Optimizer, x: torch.Tensor, y
     refiner.eval()
     return total / len(x)
 
+

@@ -198,7 +198,7 @@ def test_a_fit_started_with_a_setting_at_its_as_before_value_resumes(tmp_path, s
     # must read that value back, not today's default (which it then refused as "setting cma_diagonal is new")
     out = tmp_path / "a.safetensors"
     stub.script = ["ok"] * 30 + ["503"] * 10_000
-    assert fit(out, stub, data, "--no-cma-diagonal", "--cma-engine", "cma").exit_code == 3
+    assert fit(out, stub, data, "--no-cma-diagonal").exit_code == 3  # the cma engine, the only full-covariance one
     stub.script.clear()
     r = CliRunner().invoke(app, ["fit", "-o", str(out), "--resume"])
     assert r.exit_code == 0, r.output

@@ -32,17 +32,17 @@ def run(backend, budget=130, seed=0, n_holdout=1, **kw):
     return outcome, outcome.record.meter
 
 
-def expected_queries(budget: int, popsize: int, every: int) -> tuple[int, int]:
-    """The accounting rule: a generation starts only if it, a due check, and the final check still fit."""
+def expected_queries(budget: int, popsize: int, every: int, refit: int = 1) -> tuple[int, int]:
+    """The accounting rule: a generation starts only if it, a due check, the final check and the refit still fit."""
     used = gens = 0
     due = False
     while True:
         due = (gens + 1) % every == 0
-        if popsize + (1 + due) > budget - used:
+        if popsize + (1 + due) + refit > budget - used:
             break
         used, gens = used + popsize + due, gens + 1
     last_checked = gens % every == 0
-    return used + (0 if last_checked else 1), gens
+    return used + (0 if last_checked else 1) + refit, gens
 
 
 def test_budget_is_never_exceeded_and_count_is_exact(backend):
@@ -52,7 +52,8 @@ def test_budget_is_never_exceeded_and_count_is_exact(backend):
     assert res.adapter.fit["queries"] == meter["queries"]
     assert len(res.record.history) == gens
     checks = -(-gens // 3)
-    assert meter["vendor_calls"] == gens + checks + 2  # one text call per generation and check, images once per set
+    # one text call per generation, check and the refit; images once per set
+    assert meter["vendor_calls"] == gens + checks + 1 + 2
 
 
 def test_budget_too_small_is_a_clear_error(backend):
@@ -85,7 +86,7 @@ def test_prompt_only_leaves_the_refiner_as_identity(backend):
 
 def test_refiner_only_pays_for_the_fixed_prompt_once(backend):
     res, meter = run(backend, train_prompt=False, budget=80)
-    assert meter["queries"] == 2  # train set once, hold-out once
+    assert meter["queries"] == 3  # train set once, hold-out once, the refit once (both sets, one call)
     assert len(res.record.history) == 80 // 8
     np.testing.assert_allclose(res.adapter.ctx, backend.soft_prompt_init("a photo of a"))
 

@@ -99,7 +99,8 @@ def test_the_fit_s_search_uses_it_by_default_and_the_cma_package_when_asked() ->
     assert FitConfig().to_dict()["cma_engine"] == "numpy"
     assert "cma_engine" not in FitConfig(cma_engine="cma").to_dict()  # as adapters fitted before it record
     assert "cma_engine" not in FitConfig(prompt="text").to_dict()  # no CMA-ES there: text adapters keep their bytes
+    assert FitConfig(cma_diagonal=False).cma_engine == "cma"  # full covariance: the cma package, unasked
     with pytest.raises(ValueError, match="separable only"):
-        FitConfig(cma_diagonal=False)
+        FitConfig(cma_diagonal=False, cma_engine="numpy")
     with pytest.raises(ValueError, match="cma_engine must be"):
         FitConfig(cma_engine="scipy")  # type: ignore[arg-type]
