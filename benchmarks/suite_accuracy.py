@@ -73,18 +73,22 @@ def embedding_head(task, scorer, seed: int, adapter) -> float:
     return float((test.argmax(1) == scorer.y).mean())
 
 
-def one_seed(task, seed: int) -> dict:
-    """Every row for one task and seed."""
+def one_seed(task, seed: int, only: list[str] | None = None, out: dict | None = None) -> dict:
+    """Every row for one task and seed; with ``only``, just those fit rows, updated in ``out`` (an earlier record)."""
     from benchmarks.suite_runs import backend_for, run_fit, scorer_for
     from benchmarks.suite_scoring import InProcessZeroShot
 
     scorer = scorer_for(task)
-    out: dict = {"task": task.name, "seed": seed, "held_out": task.held_out, "acc": {}, "curves": {}, "fits": {}}
-    out["acc"]["zero-shot"] = scorer.acc("a photo of a {}.")
-    hand = hand_written(task, scorer, seed)
-    out["acc"]["best hand-written template"], out["hand_template"] = hand["acc"], hand["template"]
+    fits = [*SOFT.items(), ("CraFT text", {"prompt": "text", "budget": TEXT_CALLS})]
+    if only is None:
+        out = {"task": task.name, "seed": seed, "held_out": task.held_out, "acc": {}, "curves": {}, "fits": {}}
+        out["acc"]["zero-shot"] = scorer.acc("a photo of a {}.")
+        hand = hand_written(task, scorer, seed)
+        out["acc"]["best hand-written template"], out["hand_template"] = hand["acc"], hand["template"]
+    else:
+        fits = [(name, over) for name, over in fits if name in only]
     keep = ("queries", "vendor_calls", "wall_s", "vendor_s", "holdout_acc", "prompt_acc", "template")
-    for name, over in [*SOFT.items(), ("CraFT text", {"prompt": "text", "budget": TEXT_CALLS})]:
+    for name, over in fits:
         vendor = InProcessZeroShot(backend_for(task)) if name == "CraFT text" else None
         r = run_fit(task, 16, seed, every=10 if name != "CraFT text" else 3, vendor=vendor, **over)
         out["acc"][name] = r["acc"]
@@ -94,8 +98,19 @@ def one_seed(task, seed: int) -> dict:
         out["curves"][name] = r["curve"]
         out["fits"][name] = {k: r[k] for k in keep}
         print(f"  {task.name} seed {seed} {name}: {100 * r['acc']:.2f}% ({r['wall_s']:.0f}s)", flush=True)
-    out["acc"].update(white_box(task, scorer, seed))
+    if only is None:
+        out["acc"].update(white_box(task, scorer, seed))
     return out
+
+
+def _head() -> str:
+    """The commit the code was run at (and "+dirty" if the tree had changes), for a rerun's record."""
+    import subprocess
+
+    git = ["git", "-C", str(RESULTS.parent)]
+    sha = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return sha + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def main() -> None:
@@ -104,6 +119,9 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="*", default=None, help="default: the whole suite")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--report", action="store_true", help="only aggregate what is in benchmarks/results/suite/")
+    ap.add_argument("--only", nargs="+", choices=[*SOFT, "CraFT text"], default=None,
+                    help="rerun just these fit rows (CraFT soft brings its prompt-alone and head rows) into the "
+                         "records already written; the other rows are kept as they were")
     args = ap.parse_args()
     if args.report:
         from benchmarks.suite_report import report
@@ -117,10 +135,15 @@ def main() -> None:
     for t in [task(n) for n in args.tasks] if args.tasks else SUITE:
         for seed in args.seeds:
             t0 = time.time()
-            rec = one_seed(t, seed)
-            rec["bench_s"] = time.time() - t0
-            rec["command"] = f"python -m benchmarks.suite_accuracy --tasks {t.name} --seeds {seed}"
-            (RUNS / f"{t.name}-s{seed}.json").write_text(json.dumps(rec, indent=1) + "\n")
+            path = RUNS / f"{t.name}-s{seed}.json"
+            if args.only:
+                rec = one_seed(t, seed, args.only, json.loads(path.read_text()))
+                rec.setdefault("reruns", []).append({"rows": args.only, "bench_s": time.time() - t0, "commit": _head()})
+            else:
+                rec = one_seed(t, seed)
+                rec["bench_s"] = time.time() - t0
+                rec["command"] = f"python -m benchmarks.suite_accuracy --tasks {t.name} --seeds {seed}"
+            path.write_text(json.dumps(rec, indent=1) + "\n")
             print(f"{t.name} seed {seed}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in rec["acc"].items()),
                   flush=True)
 
