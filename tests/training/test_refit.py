@@ -99,3 +99,24 @@ def test_no_refit_under_an_embedding_head_which_replaces_the_refiner(backend: Op
     headed = _fit(backend, embedding_head=True, refit_epochs=5)
     assert "refit" not in headed.adapter.fit and headed.adapter.head is not None
     assert headed.adapter.fit["queries"] == _fit(backend, refit_epochs=0).adapter.fit["queries"]
+
+
+def test_above_the_row_cap_a_refit_epoch_trains_on_a_balanced_sample(backend: OpenClipBackend,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from craft_adapter.training import refit as refit_mod
+
+    seen: list[np.ndarray] = []
+    real = refit_mod.train_epoch
+
+    def spy(refiner, opt, x, y, *rest):  # noqa: ANN001, ANN202 (records each epoch's labels)
+        seen.append(y.numpy().copy())
+        return real(refiner, opt, x, y, *rest)
+
+    monkeypatch.setattr(refit_mod, "train_epoch", spy)
+    out = _fit(backend, fitness_rows=6, refit_epochs=4)  # 12 shots in all, 6 rows an epoch
+    refit_epochs = seen[-4:]
+    assert all(len(y) == 6 and sorted(np.bincount(y, minlength=3)) == [2, 2, 2] for y in refit_epochs)
+    assert out.adapter.fit["refit"] == {"epochs": 4, "lr": 1e-4, "images": 12, "rows_an_epoch": 6}
+    seen.clear()
+    _fit(backend, fitness_rows=0, refit_epochs=4)
+    assert all(len(y) == 12 for y in seen[-4:])  # no cap: every shot, every epoch
