@@ -1,8 +1,9 @@
 """Accuracy over the task suite (issue 15): every method, every task, 16 shots, seeds 1-3.
 
 Rows: zero-shot, the best hand-written template (chosen on the few-shot set), prompt only, refiner only, CraFT soft,
-CraFT text (through an in-process zero-shot scoring vendor, 20,000 calls), CraFT soft with the embedding head,
-white-box CoOp and the white-box linear probe. Soft rows spend 8,000 queries. Each (task, seed) is written to
+CraFT soft on half the budget (does a fit get there in 4,000 queries?), CraFT text (through an in-process zero-shot
+scoring vendor, 20,000 calls), CraFT soft with the embedding head, white-box CoOp and the white-box linear probe.
+The other soft rows spend 8,000 queries. Each (task, seed) is written to
 benchmarks/results/suite/<task>-s<seed>.json as it finishes, so runs can be split across processes and resumed;
 ``--report`` reads them all and writes benchmarks/results/suite_accuracy.json, one plot per task and the goals.
 
@@ -23,7 +24,8 @@ from craft_adapter.training.api import use_passive_omp_wait
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = RESULTS / "suite"
-SOFT = {"prompt only": {"train_refiner": False}, "refiner only": {"train_prompt": False}, "CraFT soft": {}}
+SOFT = {"prompt only": {"train_refiner": False}, "refiner only": {"train_prompt": False}, "CraFT soft": {},
+        "CraFT soft, 4,000 queries": {"budget": 4000}}
 TEXT_CALLS = 20_000
 
 
