@@ -143,9 +143,9 @@ class FitConfig:
                                 "class-balanced sample, drawn afresh), so its work grows with classes, not classes x "
                                 "images; 0: every image.")
     # issue 15 (the gap to the linear probe): the held-out shots choose the pair, then teach the refiner too
-    refit_epochs: int | None = setting(None, "Soft mode with held-out shots: after the chosen prompt and refiner, "
-                                       "train the refiner this many more epochs on every shot, held-out ones too "
-                                       "(one query: the chosen prompt on them); default REFIT_EPOCHS, 0: off.")
+    refit_epochs: int | None = setting(None, "Soft mode with held-out shots: once the prompt and refiner are "
+                                       "chosen, train the refiner this many more epochs on every shot, held-out "
+                                       f"ones too (one query); default {REFIT_EPOCHS}, 0: off.")
 
     def __post_init__(self) -> None:
         if self.cma_engine is None:  # the numpy engine is separable only; full covariance is the cma package's
