@@ -2,9 +2,12 @@
 
 Reference soft fits at the default settings, alternating the two arms round by round so that the machine's load
 hits both alike; the "without" arm swaps ``one_thread`` for a no-op. Prints and writes medians of the seconds spent
-outside backend calls and their share of the wall time: benchmarks/results/fit_threads.json.
+outside backend calls and their share of the wall time: benchmarks/results/fit_threads.json. With
+``--fitness-threads``: the fitness's population pass on torch's threads (as fits run it) against on one thread, the
+rest on one thread in both, with each adapter's hash (the two must be equal): fit_threads_fitness.json.
 
     .venv/bin/python -m benchmarks.fit_threads --rounds 3
+    .venv/bin/python -m benchmarks.fit_threads --rounds 3 --fitness-threads
 """
 
 from __future__ import annotations
@@ -21,25 +24,35 @@ from craft_adapter.training.api import use_passive_omp_wait
 RESULTS = Path(__file__).resolve().parent / "results" / "fit_threads.json"
 
 
-def one_fit(backend, data, cfg, single: bool) -> dict:
-    """One fit; its wall time, backend time, and the rest."""
+def one_fit(backend, data, cfg, single: bool, fitness_threads: bool = False) -> dict:
+    """One fit; its wall time, backend time, the rest, and its adapter's hash. ``single`` off: no ``one_thread`` at
+    all; with ``fitness_threads``, ``single`` off keeps ``one_thread`` but runs the fitness on one thread too."""
+    import hashlib
+
     from craft_adapter.training import loop
     from craft_adapter.training.api import fit_adapter
-    from craft_adapter.training.threads import one_thread
+    from craft_adapter.training.threads import one_thread, torch_threads
 
-    loop.one_thread = one_thread if single else contextlib.nullcontext
+    if fitness_threads:
+        loop.torch_threads = torch_threads if single else lambda n: contextlib.nullcontext()
+    else:
+        loop.one_thread = one_thread if single else contextlib.nullcontext
     try:
-        rec = fit_adapter(data, backend, cfg).record
+        out = fit_adapter(data, backend, cfg)
     finally:
-        loop.one_thread = one_thread
+        loop.one_thread, loop.torch_threads = one_thread, torch_threads
+    rec = out.record
     return {"wall_s": rec.wall_time_s, "vendor_s": rec.vendor_time_s, "other_s": rec.wall_time_s - rec.vendor_time_s,
-            "other_share": 1 - rec.vendor_time_s / rec.wall_time_s}
+            "other_share": 1 - rec.vendor_time_s / rec.wall_time_s,
+            "adapter_sha256": hashlib.sha256(out.adapter.to_bytes()).hexdigest()}
 
 
 def main() -> None:
     """Alternate the arms; print and write the medians."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--fitness-threads", action="store_true", help="the fitness on torch's threads (as fits run) "
+                    "against on one thread, the rest on one thread in both: fit_threads_fitness.json")
     args = ap.parse_args()
     use_passive_omp_wait()
     from craft_adapter.reference.task import REFERENCE_VENDOR_DIR, reference_train
@@ -48,16 +61,20 @@ def main() -> None:
 
     backend = OpenClipBackend(f"local-dir:{REFERENCE_VENDOR_DIR}", device="cpu")
     data, cfg = reference_train(16, 1), FitConfig(seed=1)
-    runs: dict[str, list[dict]] = {"one thread": [], "default threads": []}
+    names = ("fitness on torch's threads", "all on one thread") if args.fitness_threads else ("one thread",
+                                                                                            "default threads")
+    runs: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(args.rounds):
-        for arm in (("one thread", "default threads") if r % 2 == 0 else ("default threads", "one thread")):
-            runs[arm].append(one_fit(backend, data, cfg, arm == "one thread"))
+        for arm in (names if r % 2 == 0 else names[::-1]):
+            runs[arm].append(one_fit(backend, data, cfg, arm == names[0], args.fitness_threads))
             print(f"round {r + 1} {arm}: {runs[arm][-1]}", flush=True)
     med = {arm: {k: statistics.median(x[k] for x in rs) for k in ("wall_s", "vendor_s", "other_s", "other_share")}
            for arm, rs in runs.items()}
     out = {"median": med, "runs": runs, "load_average": os.getloadavg(), "config": cfg.to_dict(),
-           "command": f"python -m benchmarks.fit_threads --rounds {args.rounds}"}
-    RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+           "command": f"python -m benchmarks.fit_threads --rounds {args.rounds}"
+                      + (" --fitness-threads" if args.fitness_threads else "")}
+    path = RESULTS.with_name("fit_threads_fitness.json") if args.fitness_threads else RESULTS
+    path.write_text(json.dumps(out, indent=1) + "\n")
     for arm, m in med.items():
         print(f"{arm:16s} wall {m['wall_s']:.1f}s, outside backend calls {m['other_s']:.1f}s "
               f"({100 * m['other_share']:.1f}%)")

@@ -29,7 +29,7 @@ from craft_adapter.training.config import FitConfig
 from craft_adapter.training.prompt_modules import make_prompt_module
 from craft_adapter.training.refiner import Refiner, population_fitness, train_epoch
 from craft_adapter.training.refit import refit_on_every_shot
-from craft_adapter.training.threads import one_thread
+from craft_adapter.training.threads import one_thread, torch_threads
 
 
 @dataclass
@@ -77,6 +77,7 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
     meter, kind, budget = train.meter, train.capabilities.returns, cfg.resolved_budget
     if meter.budget != budget or meter.unit != cfg.budget_unit:
         raise ValueError(f"the black box's meter must carry the fit budget ({budget} {cfg.budget_unit})")
+    vendor_threads = torch.get_num_threads()
     refiner = Refiner(len(train.class_names), cfg.hidden)
     opt = torch.optim.Adam(refiner.parameters(), lr=cfg.resolved_lr)
     module = make_prompt_module(train, cfg, y_train)
@@ -117,7 +118,7 @@ def fit(train: BlackBox, holdout: BlackBox | None, y_train: np.ndarray, y_holdou
                 break
             scores = module.score(train, cands, rows)  # [p, m, c], made a chunk at a time within the memory budget
             with one_thread():  # everything from here to the hold-out check is the fit's own arithmetic
-                with torch.no_grad():
+                with torch.no_grad(), torch_threads(vendor_threads):  # but this product is big: training/threads.py
                     w = cfg.kl_weight if cfg.train_refiner else 0.0
                     fitness, first, best_raw = population_fitness(
                         scores.take, scores.shape, as_input, refiner if cfg.train_refiner else (lambda t: t),

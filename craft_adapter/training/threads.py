@@ -4,7 +4,11 @@ Between vendor calls a fit does small sums: CMA-ES, the projection ``z @ A``, co
 few hundred rows. Spread over threads, those cost more in waking and spinning workers than they save, and on a
 busy machine far more: on the 2-core reference machine a reference soft fit spent 7.4 s outside vendor calls
 with default threads against 5.5 s with one at load 3 to 4, and 32 s against 21 s at load 9
-(benchmarks/fit_threads.py). The vendor call itself (an in-process model's forward) keeps every thread it had.
+(benchmarks/fit_threads.py). The vendor call itself (an in-process model's forward) keeps every thread it had,
+and so does one product that is not small: the refiner's pass over the whole population in the fitness
+(``popsize x rows`` inputs through a hidden layer of 256). Given torch's threads back (:func:`torch_threads`), a
+reference fit spent 3.09 s outside vendor calls against 3.44 s, median of 3 each, alternating, on 2 quiet cores
+(a first run: 2.80 against 3.43), with the same adapter bytes (``benchmarks/fit_threads.py --fitness-threads``).
 """
 
 from __future__ import annotations
@@ -33,3 +37,14 @@ def one_thread() -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with torch on ``n`` threads (the BLAS limits as they are), then restore torch's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
