@@ -127,4 +127,3 @@ def train_epoch(refiner: Refiner, opt: torch.optim.Optimizer, x: torch.Tensor, y
     refiner.eval()
     return total / len(x)
 
-
