@@ -185,6 +185,7 @@ SUITE: tuple[SuiteTask, ...] = (
         + LETTER_TEMPLATES),
 )
 _BY_NAME = {t.name: t for t in SUITE}
+TUNING_TASKS = tuple(t.name for t in SUITE if not t.held_out)  # defaults are chosen on these, never the held-out one
 
 
 @cache
