@@ -51,7 +51,8 @@ def refit_on_every_shot(refiner: Refiner, boxes: Sequence[BlackBox], labels: Seq
         for epoch in range(cfg.resolved_refit_epochs):
             rows = slice(None)
             if capped:  # as a loop generation: a class-balanced sample, drawn afresh, so the work is bounded
-                rows = balanced_rows(by_class, cfg.fitness_rows, np.random.default_rng([cfg.seed, epoch, REFIT_SALT]))
+                draw = np.random.default_rng([cfg.seed % 2**64, epoch, REFIT_SALT])
+                rows = balanced_rows(by_class, cfg.fitness_rows, draw)
             train_epoch(refiner, opt, x[rows], y[rows], cfg.kl_weight, cfg.refiner_batch, gen)
     return {"epochs": cfg.resolved_refit_epochs, "lr": cfg.resolved_lr, "images": len(y),
             **({"rows_an_epoch": cfg.fitness_rows} if capped else {})}
