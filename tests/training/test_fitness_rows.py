@@ -56,16 +56,19 @@ def test_the_module_caps_only_above_the_cap_and_draws_by_seed_and_queries(backen
 def test_below_the_cap_a_fit_is_the_uncapped_fit_byte_for_byte(backend: OpenClipBackend, tmp_path: Path) -> None:
     data = few_shots(3, 5)
     outs, runs = {}, {}
-    for cap in (0, 9, 2048, None):  # 9: exactly the training images; None: the default
+    # 12: exactly every shot (the refit's epoch); 9: exactly the training images (a generation); None: the default
+    for cap in (0, 9, 12, 2048, None):
         outs[cap] = tmp_path / f"{cap}.safetensors"
         more = {} if cap is None else {"fitness_rows": cap}
         runs[cap] = fit_adapter(data, backend, FitConfig(**SMALL, **more), output=outs[cap])
     assert outs[2048].read_bytes() == outs[None].read_bytes()
     # the others record their setting (it is not the default): everything else is the same
-    for cap in (0, 9):
+    for cap in (0, 9, 12):
         a, b = runs[cap].adapter, runs[None].adapter
         assert runs[cap].record.history == runs[None].record.history and a.ctx.tobytes() == b.ctx.tobytes()
-        assert all(np.array_equal(v, b.refiner[k]) for k, v in a.refiner.items())
+        same_refiner = all(np.array_equal(v, b.refiner[k]) for k, v in a.refiner.items())
+        # at 9 the loop is uncapped but the refit's epochs (12 shots, the held-out ones too) are: 9 rows each
+        assert same_refiner == (cap != 9) and ("rows_an_epoch" in a.fit["refit"]) == (cap == 9)
         assert {**a.fit["config"], "fitness_rows": None} == {**b.fit["config"], "fitness_rows": None}
 
 
