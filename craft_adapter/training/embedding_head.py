@@ -78,9 +78,9 @@ class TappedBox(BlackBox):
         else:
             self.latest = rows
 
-    def soft_embeddings(self, ctx: np.ndarray) -> np.ndarray:
+    def soft_embeddings(self, ctx: np.ndarray, kind: str = "soft") -> np.ndarray:
         """As :meth:`BlackBox.soft_embeddings`, keeping the answer."""
-        emb = super().soft_embeddings(ctx)
+        emb = super().soft_embeddings(ctx, kind)
         self._keep(list(ctx), emb)
         return emb
 

@@ -149,3 +149,15 @@ def test_a_prompt_it_cannot_afford_to_ask_again_is_a_clear_error(backend, data) 
     box.soft_embeddings(fit.adapter.ctx[None] + 1)  # the one query of its budget, spent on another prompt
     with pytest.raises(HeadUnavailable, match="budget one higher"):
         head_data(fit.adapter, [(box, labels)])
+
+
+def test_a_tapped_box_answers_a_lone_context_as_a_plain_box_does(backend, data) -> None:
+    from craft_adapter.blackbox.box import BlackBox
+    from craft_adapter.blackbox.meter import QueryMeter
+    from craft_adapter.training.embedding_head import TappedBox
+
+    images, _ = data
+    ctx = backend.soft_prompt_init("a photo of a")
+    tapped, plain = (cls(backend, images, CLASSES, QueryMeter()) for cls in (TappedBox, BlackBox))
+    np.testing.assert_array_equal(tapped.soft_embeddings_alone(ctx), plain.soft_embeddings_alone(ctx))
+    assert tapped.class_embeddings(ctx) is not None  # and it kept it
