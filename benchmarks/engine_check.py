@@ -19,6 +19,7 @@ outside backend calls and their share, written to benchmarks/results/engine_spli
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -34,8 +35,7 @@ WHAT = {"craft": ("CraFT soft", {}), "prompt": ("prompt only", {"train_refiner":
 
 def split(rounds: int) -> None:
     """The reference fit's seconds outside backend calls, numpy engine against cma, alternating; print and write."""
-    import os
-
+    from benchmarks.fit_threads import alternate, split_of
     from craft_adapter.reference.task import REFERENCE_VENDOR_DIR, reference_train
     from craft_adapter.training.api import fit_adapter
     from craft_adapter.training.config import FitConfig
@@ -43,22 +43,11 @@ def split(rounds: int) -> None:
 
     backend = OpenClipBackend(f"local-dir:{REFERENCE_VENDOR_DIR}", device="cpu")
     data = reference_train(16, 1)
-    runs: dict[str, list[dict]] = {"numpy": [], "cma": []}
-    for r in range(rounds):
-        for engine in ("numpy", "cma") if r % 2 == 0 else ("cma", "numpy"):
-            rec = fit_adapter(data, backend, FitConfig(seed=1, cma_engine=engine)).record
-            runs[engine].append({"wall_s": rec.wall_time_s, "vendor_s": rec.vendor_time_s,
-                                 "other_s": rec.wall_time_s - rec.vendor_time_s,
-                                 "other_share": 1 - rec.vendor_time_s / rec.wall_time_s})
-            print(f"round {r + 1} {engine}: {runs[engine][-1]}", flush=True)
-    med = {e: {k: statistics.median(x[k] for x in rs) for k in ("wall_s", "vendor_s", "other_s", "other_share")}
-           for e, rs in runs.items()}
-    out = {"median": med, "runs": runs, "load_average": os.getloadavg(),
-           "command": f"python -m benchmarks.engine_check --split {rounds}"}
-    (RESULTS / "engine_split.json").write_text(json.dumps(out, indent=1) + "\n")
-    for e, m in med.items():
-        print(f"{e:6s} wall {m['wall_s']:.1f}s, outside backend calls {m['other_s']:.2f}s "
-              f"({100 * m['other_share']:.1f}%)")
+    def fit_with(engine: str) -> dict:
+        return split_of(fit_adapter(data, backend, FitConfig(seed=1, cma_engine=engine)))
+
+    arms = {e: functools.partial(fit_with, e) for e in ("numpy", "cma")}
+    alternate(arms, rounds, RESULTS / "engine_split.json", f"python -m benchmarks.engine_check --split {rounds}")
 
 
 def main() -> None:

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 from craft_adapter.training.api import use_passive_omp_wait
@@ -24,11 +26,37 @@ from craft_adapter.training.api import use_passive_omp_wait
 RESULTS = Path(__file__).resolve().parent / "results" / "fit_threads.json"
 
 
-def one_fit(backend, data, cfg, single: bool, fitness_threads: bool = False) -> dict:
-    """One fit; its wall time, backend time, the rest, and its adapter's hash. ``single`` off: no ``one_thread`` at
-    all; with ``fitness_threads``, ``single`` off keeps ``one_thread`` but runs the fitness on one thread too."""
+def split_of(outcome) -> dict:  # noqa: ANN001 (a FitOutcome)
+    """A fit's wall time, backend time, the rest, its share, and the adapter's hash."""
     import hashlib
 
+    rec = outcome.record
+    return {"wall_s": rec.wall_time_s, "vendor_s": rec.vendor_time_s, "other_s": rec.wall_time_s - rec.vendor_time_s,
+            "other_share": 1 - rec.vendor_time_s / rec.wall_time_s,
+            "adapter_sha256": hashlib.sha256(outcome.adapter.to_bytes()).hexdigest()}
+
+
+def alternate(arms: dict[str, Callable[[], dict]], rounds: int, path: Path, command: str, **extra: object) -> None:
+    """Run every arm (a fit returning :func:`split_of`) once a round, the order reversed every other round so that
+    the machine's load hits all alike; print, and write the medians and runs to ``path``."""
+    names = list(arms)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(rounds):
+        for arm in (names if r % 2 == 0 else names[::-1]):
+            runs[arm].append(arms[arm]())
+            print(f"round {r + 1} {arm}: {runs[arm][-1]}", flush=True)
+    med = {arm: {k: statistics.median(x[k] for x in rs) for k in ("wall_s", "vendor_s", "other_s", "other_share")}
+           for arm, rs in runs.items()}
+    out = {"median": med, "runs": runs, "load_average": os.getloadavg(), **extra, "command": command}
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    for arm, m in med.items():
+        print(f"{arm:16s} wall {m['wall_s']:.1f}s, outside backend calls {m['other_s']:.2f}s "
+              f"({100 * m['other_share']:.1f}%)")
+
+
+def one_fit(backend, data, cfg, single: bool, fitness_threads: bool = False) -> dict:
+    """One fit's :func:`split_of`. ``single`` off: no ``one_thread`` at all; with ``fitness_threads``, ``single`` off
+    keeps ``one_thread`` but runs the fitness on one thread too."""
     from craft_adapter.training import loop
     from craft_adapter.training.api import fit_adapter
     from craft_adapter.training.threads import one_thread, torch_threads
@@ -38,13 +66,9 @@ def one_fit(backend, data, cfg, single: bool, fitness_threads: bool = False) -> 
     else:
         loop.one_thread = one_thread if single else contextlib.nullcontext
     try:
-        out = fit_adapter(data, backend, cfg)
+        return split_of(fit_adapter(data, backend, cfg))
     finally:
         loop.one_thread, loop.torch_threads = one_thread, torch_threads
-    rec = out.record
-    return {"wall_s": rec.wall_time_s, "vendor_s": rec.vendor_time_s, "other_s": rec.wall_time_s - rec.vendor_time_s,
-            "other_share": 1 - rec.vendor_time_s / rec.wall_time_s,
-            "adapter_sha256": hashlib.sha256(out.adapter.to_bytes()).hexdigest()}
 
 
 def main() -> None:
@@ -63,22 +87,10 @@ def main() -> None:
     data, cfg = reference_train(16, 1), FitConfig(seed=1)
     names = ("fitness on torch's threads", "all on one thread") if args.fitness_threads else ("one thread",
                                                                                             "default threads")
-    runs: dict[str, list[dict]] = {n: [] for n in names}
-    for r in range(args.rounds):
-        for arm in (names if r % 2 == 0 else names[::-1]):
-            runs[arm].append(one_fit(backend, data, cfg, arm == names[0], args.fitness_threads))
-            print(f"round {r + 1} {arm}: {runs[arm][-1]}", flush=True)
-    med = {arm: {k: statistics.median(x[k] for x in rs) for k in ("wall_s", "vendor_s", "other_s", "other_share")}
-           for arm, rs in runs.items()}
-    out = {"median": med, "runs": runs, "load_average": os.getloadavg(), "config": cfg.to_dict(),
-           "command": f"python -m benchmarks.fit_threads --rounds {args.rounds}"
-                      + (" --fitness-threads" if args.fitness_threads else "")}
-    path = RESULTS.with_name("fit_threads_fitness.json") if args.fitness_threads else RESULTS
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    for arm, m in med.items():
-        print(f"{arm:16s} wall {m['wall_s']:.1f}s, outside backend calls {m['other_s']:.1f}s "
-              f"({100 * m['other_share']:.1f}%)")
-
+    arms = {n: functools.partial(one_fit, backend, data, cfg, n == names[0], args.fitness_threads) for n in names}
+    alternate(arms, args.rounds, RESULTS.with_name("fit_threads_fitness.json") if args.fitness_threads else RESULTS,
+              f"python -m benchmarks.fit_threads --rounds {args.rounds}"
+              + (" --fitness-threads" if args.fitness_threads else ""), config=cfg.to_dict())
 
 if __name__ == "__main__":
     main()
